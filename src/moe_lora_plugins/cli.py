@@ -1,0 +1,76 @@
+"""The ``moe-lora-plugins`` command line: ``doctor`` and ``ledger`` (more subcommands register here)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+Subcommand = Callable[[argparse._SubParsersAction], None]
+
+
+def _add_doctor(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("doctor", help="show versions, switches, plugins and every patch's status")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--strict", action="store_true", help="exit 1 when an enabled patch is incompatible")
+    p.add_argument("--status-dir", default=None, help="also show the per-process status files in DIR")
+    p.add_argument(
+        "--no-import",
+        action="store_true",
+        help="do not import the patch targets (faster; resolvable and fingerprint are then unknown)",
+    )
+    p.set_defaults(func=_run_doctor)
+
+
+def _run_doctor(args: argparse.Namespace) -> int:
+    from moe_lora_plugins import doctor
+
+    report = doctor.collect(
+        import_targets=not args.no_import, status_dir=args.status_dir or doctor.default_status_dir()
+    )
+    if args.json:
+        print(json.dumps(report, indent=1, default=str))
+    else:
+        print(doctor.render_text(report))
+    bad = doctor.failures(report)
+    if args.strict and (bad or report["switch_error"]):
+        print(f"doctor --strict: failing patches {bad}; switch error: {report['switch_error']}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_ledger(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ledger", help="print the patch ledger (markdown) generated from the specs")
+    p.set_defaults(func=_run_ledger)
+
+
+def _run_ledger(args: argparse.Namespace) -> int:
+    from moe_lora_plugins.activation import get_registry
+    from moe_lora_plugins.ledger import render_ledger
+
+    sys.stdout.write(render_ledger(get_registry().specs))
+    return 0
+
+
+SUBCOMMANDS: list[Subcommand] = [_add_doctor, _add_ledger]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moe-lora-plugins",
+        description="MoE LoRA and true on-policy RL patches for Megatron-Bridge, vLLM and SGLang.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

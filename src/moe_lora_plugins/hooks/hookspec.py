@@ -1,0 +1,108 @@
+"""Hook specifications: the points where plugins change what the trainer and the engines do.
+
+Grouped by lifecycle phase. Each docstring says what the hook is for, when and in which process it
+is called, and what its result means. Heavy types are imported only for type checkers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from moe_lora_plugins.envs import Settings
+    from moe_lora_plugins.hooks.context import ExportContext
+
+hookspec = pluggy.HookspecMarker("moelora")
+
+# -------------------------------------------------------------------------------------------------
+# Process lifecycle
+# -------------------------------------------------------------------------------------------------
+
+
+@hookspec
+def moelora_activate(role: str | None, settings: Settings) -> None:
+    """Called once per process, at the end of ``moe_lora_plugins.activate()``.
+
+    :param role: the process's role as given to ``activate`` (``"trainer"``, ``"vllm"``,
+        ``"sglang"``, or ``None`` when the ``.pth`` bootstrap activated it).
+    :param settings: the parsed ``MOELORA_*`` switches.
+
+    Called in every process that activates (trainer ranks, engine workers, Ray actors). Every
+    implementation is called; results are ignored. Keep it cheap: it runs at start-up.
+    """
+
+
+# -------------------------------------------------------------------------------------------------
+# Trainer: model construction
+# -------------------------------------------------------------------------------------------------
+
+
+@hookspec
+def on_build_model(model_chunks: list[Any], provider: Any, role: str, config: Any) -> None:
+    """Called on each trainer rank after the Megatron model chunks are built, before DDP wrapping.
+
+    :param model_chunks: the list of model chunks of this rank (one per virtual pipeline stage).
+    :param provider: the Megatron-Bridge model provider that built them.
+    :param role: ``"actor"``, ``"reference"`` or ``"critic"``. LoRA plugins act on ``"actor"`` only.
+    :param config: the host's LoRA / MoE configuration object (see ``moe_lora_plugins.lora.config``).
+
+    Use it to apply LoRA, set MoE runtime options, register bridges and seed. Implementations change
+    the chunks in place; every implementation is called; results are ignored. Reached through
+    Megatron-Bridge's ``register_pre_wrap_hook`` or the host's ``--custom-megatron-init-path``.
+    """
+
+
+# -------------------------------------------------------------------------------------------------
+# Trainer: weight export
+# -------------------------------------------------------------------------------------------------
+
+
+@hookspec
+def on_export_weights(
+    weights: Iterable[tuple[str, Any]], context: ExportContext
+) -> Iterator[tuple[str, Any]] | None:
+    """Wrap the stream of ``(hf_name, tensor)`` pairs that leaves the trainer on one rank.
+
+    :param weights: the stream so far (upstream export, or the previous plugin's output).
+    :param context: which export (plain / merged / adapter), the model, the rank and the layout.
+
+    Called on every trainer rank that exports, once per export. Implementations are chained: each
+    one receives the iterator returned by the one before (in pluggy's call order, last registered
+    first) and returns a new iterator, or ``None`` to pass the stream on untouched. Use it to
+    globalize names, gather shards, convert to an engine's adapter format, merge or audit. See
+    :func:`moe_lora_plugins.hooks.manager.chain_export_weights`.
+    """
+
+
+# -------------------------------------------------------------------------------------------------
+# Rollout engine
+# -------------------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def on_generate_state(args: Any) -> Any | None:
+    """Provide the rollout-side generate state for a host's ``--custom-generate-state`` seam.
+
+    :param args: the host's parsed arguments.
+
+    Called in the rollout manager process when the host builds its generate state. The first
+    non-``None`` result wins (``firstresult``): it is the state object the host uses (for example
+    multi-LoRA routing with lifecycle hooks). Return ``None`` to let the host build its default.
+    """
+
+
+@hookspec
+def on_adapter_activated(adapter_name: str, adapter_id: int, version: int, nbytes: int) -> None:
+    """Called in an engine worker right after a synced adapter became the one being served.
+
+    :param adapter_name: the stable name requests use.
+    :param adapter_id: the engine's integer LoRA id.
+    :param version: the sync's sequence number (the trainer's step).
+    :param nbytes: bytes received for this sync.
+
+    Every implementation is called; results are ignored. Never called for a sync that failed
+    validation: the previous adapter stays active then.
+    """

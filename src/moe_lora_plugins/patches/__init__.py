@@ -1,0 +1,21 @@
+"""The patch modules, one per upstream symbol, grouped by target package.
+
+Each module listed in ``SPEC_MODULES`` declares ``SPECS`` (a tuple of PatchSpec) at top level and
+imports nothing heavy there: the implementations import their upstream package inside the function
+bodies. Collecting the specs therefore costs only the import of these small modules.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from moe_lora_plugins.registry import PatchSpec
+
+SPEC_MODULES: tuple[str, ...] = ()
+
+
+def all_specs() -> list[PatchSpec]:
+    specs: list[PatchSpec] = []
+    for module_name in SPEC_MODULES:
+        specs.extend(importlib.import_module(module_name).SPECS)
+    return specs
