@@ -39,7 +39,7 @@ def _pytest(session: nox.Session, *paths: str) -> None:
     lane = session.name
     session.run(
         "python", "-m", "pytest", *paths,
-        f"--junitxml={session.create_tmp()}/../junit-{lane}.xml",
+        f"--junitxml={os.path.join(session.invoked_from, '.nox', f'junit-{lane}.xml')}",
         *session.posargs,
         env={"MOELORA_LANE": lane},
     )

@@ -152,21 +152,26 @@ def load_settings(
         raw=raw,
     )
     if known_patch_ids is not None:
-        for name, ids in (
-            ("MOELORA_PATCHES", settings.patches or ()),
-            ("MOELORA_DISABLED_PATCHES", settings.disabled_patches),
-            ("MOELORA_REQUIRE", settings.require),
-        ):
-            unknown = [i for i in ids if i not in known_patch_ids]
-            if unknown:
-                raise SettingsError(
-                    f"{name} names unknown patch id(s) {unknown}. Known ids: {sorted(known_patch_ids)}. "
-                    "Run `moe-lora-plugins doctor` to list them."
-                )
-        conflicting = [i for i in settings.require if not settings.patch_enabled(i)]
-        if conflicting:
-            raise SettingsError(
-                f"MOELORA_REQUIRE names {conflicting}, but MOELORA_PATCHES / MOELORA_DISABLED_PATCHES "
-                "switch them off. Remove them from one of the two."
-            )
+        validate_patch_ids(settings, known_patch_ids)
     return settings
+
+
+def validate_patch_ids(settings: Settings, known_patch_ids: frozenset[str]) -> None:
+    """Reject patch ids the registry does not know, and requiring a patch that is switched off."""
+    for name, ids in (
+        ("MOELORA_PATCHES", settings.patches or ()),
+        ("MOELORA_DISABLED_PATCHES", settings.disabled_patches),
+        ("MOELORA_REQUIRE", settings.require),
+    ):
+        unknown = [i for i in ids if i not in known_patch_ids]
+        if unknown:
+            raise SettingsError(
+                f"{name} names unknown patch id(s) {unknown}. Known ids: {sorted(known_patch_ids)}. "
+                "Run `moe-lora-plugins doctor` to list them."
+            )
+    conflicting = [i for i in settings.require if not settings.patch_enabled(i)]
+    if conflicting:
+        raise SettingsError(
+            f"MOELORA_REQUIRE names {conflicting}, but MOELORA_PATCHES / MOELORA_DISABLED_PATCHES "
+            "switch them off. Remove them from one of the two."
+        )

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import enum
 import importlib
-import importlib.metadata
-import inspect
 import logging
 import sys
 import threading
@@ -117,6 +115,8 @@ def signature_fingerprint(obj: Any) -> str:
     ``(models, config, param_name, vp_stage=)`` is what a four-parameter function with one default
     gives. classmethod / staticmethod objects are looked through.
     """
+    import inspect
+
     if isinstance(obj, (classmethod, staticmethod)):
         obj = obj.__func__
     try:
@@ -147,6 +147,8 @@ def signature_fingerprint(obj: Any) -> str:
 
 def installed_version(spec: PatchSpec) -> tuple[str | None, str | None]:
     """(distribution name, version) of the first installed alternative, read from metadata only."""
+    import importlib.metadata
+
     for dist in spec.distributions:
         try:
             return dist, importlib.metadata.version(dist)
@@ -431,14 +433,31 @@ class PatchRegistry:
                     patch_id,
                     record.spec.target_path,
                 )
-            for rebind in record.rebinds:
-                module = sys.modules.get(rebind.module)
-                if module is not None and getattr(module, rebind.name, None) is record.patched:
-                    setattr(module, rebind.name, rebind.original)
+            self._restore_copies(record)
             record.owner = record.original = record.patched = None
             record.rebinds = []
             self._set(record, PatchStatus.REVERTED, "")
             return record.status
+
+    def _restore_copies(self, record: PatchRecord) -> None:
+        """Put the original back wherever a copy of our patched object ended up.
+
+        That is every rebind we made, every declared alias, and any module under the target's package
+        that imported the name after the patch landed (it then copied the patched object itself).
+        """
+        places = {(r.module, r.name) for r in record.rebinds}
+        places.update(tuple(alias.split(":", 1)) for alias in record.spec.aliases)
+        if not isinstance(record.owner, type):
+            top = record.spec.target.split(".")[0] + "."
+            for module_name, module in list(sys.modules.items()):
+                if module_name.startswith(top) and module is not None:
+                    for attr, value in list(getattr(module, "__dict__", {}).items()):
+                        if value is record.patched:
+                            places.add((module_name, attr))
+        for module_name, attr in places:
+            module = sys.modules.get(module_name)
+            if module is not None and getattr(module, attr, None) is record.patched:
+                setattr(module, attr, record.original)
 
     def revert_all(self) -> None:
         for patch_id in list(self._records):

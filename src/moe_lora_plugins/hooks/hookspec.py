@@ -14,12 +14,24 @@ import pluggy
 if TYPE_CHECKING:
     from moe_lora_plugins.envs import Settings
     from moe_lora_plugins.hooks.context import ExportContext
+    from moe_lora_plugins.registry import PatchSpec
 
 hookspec = pluggy.HookspecMarker("moelora")
 
 # -------------------------------------------------------------------------------------------------
 # Process lifecycle
 # -------------------------------------------------------------------------------------------------
+
+
+@hookspec
+def moelora_patch_specs() -> Iterable[PatchSpec]:
+    """Return the PatchSpecs this plugin brings, in addition to the built-in ones.
+
+    Called once per process, when the registry is built (at ``activate()`` or by ``doctor``), before
+    any patch is applied. Every implementation is called; the union of the results is registered.
+    Spec ids must be unique across plugins (a clash raises). Implementations must not import the
+    patch targets: the registry applies the specs lazily, like the built-in ones.
+    """
 
 
 @hookspec
