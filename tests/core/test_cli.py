@@ -107,3 +107,20 @@ def test_ledger_command_prints_the_ledger():
     proc = _cli("ledger")
     assert proc.returncode == 0
     assert proc.stdout == render_ledger(get_registry().specs)
+
+
+def test_the_installed_console_script_runs_doctor_json():
+    import shutil
+
+    script = shutil.which("moe-lora-plugins", path=os.path.dirname(sys.executable))
+    if script is None and not os.environ.get("MOELORA_LANE"):
+        import pytest
+
+        pytest.skip("package not installed in this interpreter (the core lane installs it)")
+    assert script is not None, "pip install . must install the moe-lora-plugins console script"
+    proc = subprocess.run([script, "doctor", "--json"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert [r["id"] for r in report["patches"]] == [s.id for s in get_registry().specs]
+    assert all(r["versions"] and r["status"] for r in report["patches"])
+    assert report["bootstrap_pth"], "pip install . must install moe_lora_plugins.pth"

@@ -11,9 +11,9 @@ from typing import Any
 
 import pluggy
 
+import moe_lora_plugins.hooks.hookspec as hookspec_module
 from moe_lora_plugins.envs import Settings, load_settings
 from moe_lora_plugins.errors import PluginError
-import moe_lora_plugins.hooks.hookspec as hookspec_module
 from moe_lora_plugins.hooks.context import ExportContext
 
 PROJECT = "moelora"
