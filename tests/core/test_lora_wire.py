@@ -9,7 +9,7 @@ from moe_lora_plugins.lora.convert import distinct_nbytes, megatron_to_peft
 from moe_lora_plugins.lora.families import ModelDims
 from moe_lora_plugins.lora.wire import WireFormatError, WireManifest, WirePayload, decode, decode_many, encode
 
-E, H, I, R = 8, 16, 6, 4
+E, H, INTER, R = 8, 16, 6, 4
 DIMS = ModelDims(4, 2, 4, E)
 
 
@@ -22,8 +22,8 @@ def shared_expert_megatron(layers: int = 2) -> dict[str, torch.Tensor]:
         out[f"{p}.self_attention.linear_qkv.adapter.linear_in.weight"] = torch.randn(R, H, generator=g)
         out[f"{p}.self_attention.linear_qkv.adapter.linear_out.weight"] = torch.randn(32, R, generator=g)
         out[f"{p}.mlp.experts.linear_fc1.adapter.linear_in.weight"] = torch.randn(R, H, generator=g)
-        out[f"{p}.mlp.experts.linear_fc1.adapter.linear_out.weight"] = torch.randn(2 * I, R, generator=g)
-        out[f"{p}.mlp.experts.linear_fc2.adapter.linear_in.weight"] = torch.randn(R, I, generator=g)
+        out[f"{p}.mlp.experts.linear_fc1.adapter.linear_out.weight"] = torch.randn(2 * INTER, R, generator=g)
+        out[f"{p}.mlp.experts.linear_fc2.adapter.linear_in.weight"] = torch.randn(R, INTER, generator=g)
         out[f"{p}.mlp.experts.linear_fc2.adapter.linear_out.weight"] = torch.randn(H, R, generator=g)
     return out
 
@@ -52,7 +52,9 @@ def test_receiver_expansion_shares_one_tensor_object():
 
 
 def test_manifest_travels_as_a_uint8_tensor_and_stays_compact():
-    payload = encode(megatron_to_peft(shared_expert_megatron(), "qwen3_moe", DIMS, alpha=8).tensors, meta={"step": 3})
+    payload = encode(
+        megatron_to_peft(shared_expert_megatron(), "qwen3_moe", DIMS, alpha=8).tensors, meta={"step": 3}
+    )
     blob = payload.manifest.to_tensor()
     assert blob.dtype == torch.uint8
     manifest = WireManifest.from_tensor(blob)
@@ -84,7 +86,9 @@ def test_missing_tensor_is_named():
 def test_wrong_dtype_is_named():
     payload = encode({"x.lora_A.weight": torch.zeros(2)})
     bad = WirePayload(payload.manifest, {"x.lora_A.weight": torch.zeros(2, dtype=torch.bfloat16)})
-    with pytest.raises(WireFormatError, match="x.lora_A.weight: got \\(2,\\) bfloat16, manifest says \\(2,\\) float32"):
+    with pytest.raises(
+        WireFormatError, match="x.lora_A.weight: got \\(2,\\) bfloat16, manifest says \\(2,\\) float32"
+    ):
         decode(bad)
 
 

@@ -95,7 +95,7 @@ class LoraAdapter:
         """The ``adapter_config.json`` content PEFT (and vLLM's ``PEFTHelper``) reads for this adapter."""
         ranks = self.module_ranks()
         rank = self.rank
-        rank_pattern = {f"^{re.escape(module)}$": r for module, r in sorted(ranks.items()) if r != rank}
+        rank_pattern = {re.escape(module): r for module, r in sorted(ranks.items()) if r != rank}
         targets = sorted({module.rsplit(".", 1)[-1] for module in ranks})
         config = {
             "peft_type": "LORA",
@@ -248,7 +248,9 @@ def _convert_grouped_experts(
                 f"{count}; gather every EP rank's experts (in EP rank order) before converting"
             )
         if tensor.ndim not in (2, 3):
-            raise AdapterShapeError(f"{experts.megatron}.{fc}.adapter.{side}: expected 2-D or 3-D, got {tensor.ndim}-D")
+            raise AdapterShapeError(
+                f"{experts.megatron}.{fc}.adapter.{side}: expected 2-D or 3-D, got {tensor.ndim}-D"
+            )
     if count <= 0:
         raise AdapterShapeError("grouped expert adapters need ModelDims.num_experts > 0")
     # A 2-D side is shared by every expert: split it once so every expert gets the same tensor objects.
@@ -260,13 +262,17 @@ def _convert_grouped_experts(
     for expert in range(count):
         rule = experts.fc1_rule(expert) if fc == "linear_fc1" else experts.fc2_rule(expert)
         a = shared_a if shared_a is not None else lora_a[expert]
-        b_parts = shared_b_parts if shared_b_parts is not None else _split_b(rule, dims, lora_b[expert], expert_tp)
-        for hf_module, b in zip(rule.hf, b_parts):
+        b_parts = (
+            shared_b_parts if shared_b_parts is not None else _split_b(rule, dims, lora_b[expert], expert_tp)
+        )
+        for hf_module, b in zip(rule.hf, b_parts, strict=False):
             yield hf_module, "lora_A", a
             yield hf_module, "lora_B", b
 
 
-def _split_b(rule: ModuleRule, dims: ModelDims, lora_b: torch.Tensor, shards: int) -> tuple[torch.Tensor, ...]:
+def _split_b(
+    rule: ModuleRule, dims: ModelDims, lora_b: torch.Tensor, shards: int
+) -> tuple[torch.Tensor, ...]:
     if rule.split == "qkv":
         return split_qkv_lora_b(lora_b, dims)
     if rule.split == "gate_up":
@@ -285,7 +291,7 @@ def _split_pair(
         raise AdapterShapeError(
             f"{rule.megatron}: LoRA A {tuple(lora_a.shape)} and B {tuple(lora_b.shape)} disagree on the rank"
         )
-    for hf_module, b in zip(rule.hf, _split_b(rule, dims, lora_b, shards)):
+    for hf_module, b in zip(rule.hf, _split_b(rule, dims, lora_b, shards), strict=False):
         yield hf_module, "lora_A", lora_a
         yield hf_module, "lora_B", b
 
@@ -350,13 +356,13 @@ def _fuse_pair(
     parts: list[dict[str, torch.Tensor] | None],
     shards: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    missing = [n for n, p in zip(names, parts) if p is None or set(p) != {"lora_A", "lora_B"}]
+    missing = [n for n, p in zip(names, parts, strict=False) if p is None or set(p) != {"lora_A", "lora_B"}]
     if missing:
         raise AdapterShapeError(
             f"{rule.megatron} is fused from {list(names)}; {missing} missing or without both lora_A and lora_B"
         )
     a = parts[0]["lora_A"]  # type: ignore[index]
-    for name, p in zip(names[1:], parts[1:]):
+    for name, p in zip(names[1:], parts[1:], strict=False):
         if not torch.equal(p["lora_A"], a):  # type: ignore[index]
             raise AdapterShapeError(
                 f"{name} and {names[0]} have different LoRA A; Megatron's fused {rule.megatron} has one LoRA A"
@@ -391,12 +397,16 @@ def _fuse_experts(
         return {}
     if sorted(per_expert) != list(range(dims.num_experts)):
         absent = sorted(set(range(dims.num_experts)) - set(per_expert))
-        raise AdapterShapeError(f"{prefix}: experts {absent} have no LoRA tensors (model has {dims.num_experts})")
+        raise AdapterShapeError(
+            f"{prefix}: experts {absent} have no LoRA tensors (model has {dims.num_experts})"
+        )
     fused: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"linear_fc1": [], "linear_fc2": []}
     for expert in range(dims.num_experts):
         projs = per_expert[expert]
         fc1 = experts.fc1_rule(expert)
-        fused["linear_fc1"].append(_fuse_pair(fc1, dims, fc1.hf, [projs.get(experts.gate), projs.get(experts.up)], expert_tp))
+        fused["linear_fc1"].append(
+            _fuse_pair(fc1, dims, fc1.hf, [projs.get(experts.gate), projs.get(experts.up)], expert_tp)
+        )
         fc2 = experts.fc2_rule(expert)
         fused["linear_fc2"].append(_fuse_pair(fc2, dims, fc2.hf, [projs.get(experts.down)], expert_tp))
     out = {}
@@ -412,7 +422,9 @@ def _fuse_experts(
             out[f"{base}.linear_in.weight"], out[f"{base}.linear_out.weight"] = a_all, b_all
         elif layout == "grouped_shared":
             if not (bool((a_all == a_all[:1]).all()) and bool((b_all == b_all[:1]).all())):
-                raise AdapterShapeError(f"{base}: experts have different adapters; 'grouped_shared' needs them equal")
+                raise AdapterShapeError(
+                    f"{base}: experts have different adapters; 'grouped_shared' needs them equal"
+                )
             out[f"{base}.linear_in.weight"], out[f"{base}.linear_out.weight"] = a_all[0], b_all[0]
         else:
             raise ValueError(f"experts_layout {layout!r}: choose 'sequential', 'grouped' or 'grouped_shared'")

@@ -39,7 +39,9 @@ class ModuleRule:
     def __post_init__(self) -> None:
         expected = {"none": 1, "qkv": 3, "gate_up": 2}[self.split]
         if len(self.hf) != expected:
-            raise ValueError(f"rule {self.megatron}: split {self.split!r} needs {expected} HF names, got {self.hf}")
+            raise ValueError(
+                f"rule {self.megatron}: split {self.split!r} needs {expected} HF names, got {self.hf}"
+            )
 
 
 @dataclass(frozen=True)

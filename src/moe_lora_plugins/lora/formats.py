@@ -121,7 +121,11 @@ def adapter_from_peft(
         raise FormatError("adapter uses rsLoRA (scaling alpha/sqrt(r)); Megatron LoRA scales by alpha/r")
     names = {name if name.startswith(PEFT_PREFIX) else PEFT_PREFIX + name: t for name, t in tensors.items()}
     return LoraAdapter(
-        names, float(config["lora_alpha"]), get_family(family), num_experts, config.get("base_model_name_or_path")
+        names,
+        float(config["lora_alpha"]),
+        get_family(family),
+        num_experts,
+        config.get("base_model_name_or_path"),
     )
 
 
@@ -138,9 +142,13 @@ def _expert_modules(adapter: LoraAdapter) -> tuple[dict[str, dict[int, dict[str,
     rest: dict[str, tuple] = {}
     for module, pair in adapter.modules().items():
         match = _EXPERT_MODULE.match(module)
-        if match is not None and module.endswith(
-            tuple(f".{p}" for p in (family.experts.gate, family.experts.up, family.experts.down))
-        ) and f".{family.experts.hf}." in f".{module}":
+        if (
+            match is not None
+            and module.endswith(
+                tuple(f".{p}" for p in (family.experts.gate, family.experts.up, family.experts.down))
+            )
+            and f".{family.experts.hf}." in f".{module}"
+        ):
             prefix = f"{match['layer']}.{match['experts']}"
             experts.setdefault(prefix, {}).setdefault(int(match["expert"]), {})[match["proj"]] = pair
         else:
@@ -177,7 +185,9 @@ def to_vllm_3d(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
             projs = by_expert[expert]
             missing = {rules.gate, rules.up, rules.down} - set(projs)
             if missing:
-                raise FormatError(f"{prefix}.{expert}: no LoRA for {sorted(missing)}; the 3-D format needs all three")
+                raise FormatError(
+                    f"{prefix}.{expert}: no LoRA for {sorted(missing)}; the 3-D format needs all three"
+                )
             (ga, gb), (ua, ub), (da, db) = projs[rules.gate], projs[rules.up], projs[rules.down]
             if not torch.equal(ga, ua):
                 raise FormatError(
@@ -185,9 +195,12 @@ def to_vllm_3d(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
                 )
             gate_a.append(ga), gate_b.append(gb), up_b.append(ub), down_a.append(da), down_b.append(db)
         if rules.gate_up_interleaved:
-            fused_b = [torch.stack((g, u), dim=1).reshape(2 * g.shape[0], g.shape[1]) for g, u in zip(gate_b, up_b)]
+            fused_b = [
+                torch.stack((g, u), dim=1).reshape(2 * g.shape[0], g.shape[1])
+                for g, u in zip(gate_b, up_b, strict=False)
+            ]
         else:
-            fused_b = [torch.cat((g, u), dim=0) for g, u in zip(gate_b, up_b)]
+            fused_b = [torch.cat((g, u), dim=0) for g, u in zip(gate_b, up_b, strict=False)]
         out[_name(f"{prefix}.base_layer", "lora_A")] = _stack_a(gate_a)
         out[_name(f"{prefix}.base_layer", "lora_B")] = _stack_b(fused_b)
         out[_name(prefix, "lora_A")] = _stack_a(down_a)
@@ -235,7 +248,9 @@ def to_vllm_shared_outer(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
     return out
 
 
-def from_vllm_3d(tensors: Mapping[str, torch.Tensor], num_experts: int, family: str) -> dict[str, torch.Tensor]:
+def from_vllm_3d(
+    tensors: Mapping[str, torch.Tensor], num_experts: int, family: str
+) -> dict[str, torch.Tensor]:
     """Inverse of :func:`to_vllm_3d`: back to per-expert 2-D PEFT tensors (gate and up share one A)."""
     rules = get_family(family).experts
     if rules is None:

@@ -20,7 +20,9 @@ from moe_lora_plugins.lora.families import ModelDims, ModuleRule
 Side = Literal["lora_A", "lora_B"]
 
 
-def split_qkv_lora_b(lora_b: torch.Tensor, dims: ModelDims) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def split_qkv_lora_b(
+    lora_b: torch.Tensor, dims: ModelDims
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cut a fused ``linear_qkv`` LoRA B ``(G * (H/G + 2) * d, r)`` into q, k and v LoRA B.
 
     Megatron orders the rows per query group: ``H/G`` query heads, then one key head, then one value
@@ -98,17 +100,24 @@ def megatron_shard_axis(rule: ModuleRule, side: Side, ndim: int) -> int:
     return axis + (ndim - 2)
 
 
-def shard_like_megatron(tensor: torch.Tensor, rule: ModuleRule, side: Side, shards: int) -> list[torch.Tensor]:
+def shard_like_megatron(
+    tensor: torch.Tensor, rule: ModuleRule, side: Side, shards: int
+) -> list[torch.Tensor]:
     """Cut a full (HF-order) LoRA tensor into the slices ranks ``0..shards-1`` hold in Megatron.
 
     For fc1 LoRA B the full tensor is ``[gate; up]`` and each slice is ``[gate_i; up_i]``.
     """
     axis = megatron_shard_axis(rule, side, tensor.ndim)
     if tensor.shape[axis] % shards:
-        raise ValueError(f"{rule.megatron} {side}: axis {axis} of {tuple(tensor.shape)} not divisible by {shards}")
+        raise ValueError(
+            f"{rule.megatron} {side}: axis {axis} of {tuple(tensor.shape)} not divisible by {shards}"
+        )
     if side == "lora_B" and rule.split == "gate_up":
         gate, up = tensor.chunk(2, dim=axis)
-        return [torch.cat(pair, dim=axis) for pair in zip(gate.chunk(shards, axis), up.chunk(shards, axis))]
+        return [
+            torch.cat(pair, dim=axis)
+            for pair in zip(gate.chunk(shards, axis), up.chunk(shards, axis), strict=False)
+        ]
     return list(tensor.chunk(shards, dim=axis))
 
 

@@ -102,7 +102,9 @@ class WireManifest:
                 f"wire manifest version {data.get('version')!r}; this moe-lora-plugins reads version {WIRE_VERSION}. "
                 "Run the same moe-lora-plugins version on trainer and engine."
             )
-        return cls(tuple(WireEntry.from_dict(e) for e in data["entries"]), data["version"], data.get("meta", {}))
+        return cls(
+            tuple(WireEntry.from_dict(e) for e in data["entries"]), data["version"], data.get("meta", {})
+        )
 
     def to_tensor(self) -> torch.Tensor:
         """The manifest as a 1-D uint8 tensor (UTF-8 JSON), for transports that only move tensors."""
@@ -132,9 +134,7 @@ class WirePayload:
     @property
     def expanded_bytes(self) -> int:
         """Bytes the expanded name -> tensor dict would take if every name were sent on its own."""
-        return sum(
-            _numel(e.shape) * _itemsize(e.dtype) * len(e.expand()) for e in self.manifest.entries
-        )
+        return sum(_numel(e.shape) * _itemsize(e.dtype) * len(e.expand()) for e in self.manifest.entries)
 
 
 def encode(
@@ -195,7 +195,9 @@ def decode_many(payloads: Iterable[WirePayload]) -> dict[str, torch.Tensor]:
     for index, payload in enumerate(payloads):
         for name, tensor in decode(payload).items():
             if name in out:
-                raise WireFormatError(f"tensor name {name!r} arrives in more than one payload (payload {index})")
+                raise WireFormatError(
+                    f"tensor name {name!r} arrives in more than one payload (payload {index})"
+                )
             out[name] = tensor
     return out
 
@@ -229,7 +231,9 @@ def _compress_names(names: list[str]) -> tuple[tuple[str, ...], tuple[int, ...]]
         if match is None:
             plain.append(name)
         else:
-            by_pattern.setdefault(f"{match['head']}{_PLACEHOLDER}{match['tail']}", []).append(int(match["expert"]))
+            by_pattern.setdefault(f"{match['head']}{_PLACEHOLDER}{match['tail']}", []).append(
+                int(match["expert"])
+            )
     expert_sets = {tuple(v) for v in by_pattern.values()}
     if len(by_pattern) == 0 or len(expert_sets) != 1 or all(len(v) == 1 for v in by_pattern.values()):
         return tuple(names), ()
@@ -247,7 +251,14 @@ def _ranges(values: tuple[int, ...]) -> list[list[int]]:
 
 
 def _identity_key(t: torch.Tensor) -> tuple:
-    return (t.device.type, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+    return (
+        t.device.type,
+        t.untyped_storage().data_ptr(),
+        t.storage_offset(),
+        tuple(t.shape),
+        tuple(t.stride()),
+        t.dtype,
+    )
 
 
 def _content_key(t: torch.Tensor) -> tuple:
