@@ -46,9 +46,8 @@ def _megatron_adapter() -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
-
     import vllm.lora.lora_model as lora_model
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     lora_model.PIN_MEMORY = False
     model_dir = tmp_path_factory.mktemp("tiny_qwen3_moe")
