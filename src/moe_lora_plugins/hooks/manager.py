@@ -21,7 +21,9 @@ ENTRY_POINT_GROUP = "moelora.plugins"
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 # Built-in plugins: (name, module). Each module is registered as a plugin object.
-BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = ()
+BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (
+    ("lora_actor", "moe_lora_plugins.plugins.lora_actor"),
+)
 
 logger = logging.getLogger("moe_lora_plugins.hooks")
 _lock = threading.Lock()

@@ -59,6 +59,7 @@ def _check_shapes(name: str, base: torch.Tensor, lora_a: torch.Tensor, lora_b: t
         )
 
 
+@torch.no_grad()
 def merged_weight(
     base: torch.Tensor,
     lora_a: torch.Tensor,
@@ -70,7 +71,8 @@ def merged_weight(
 ) -> torch.Tensor:
     """``base + scale * (lora_b @ lora_a)`` computed in float32 and cast to ``out_dtype``.
 
-    ``out_dtype`` defaults to ``base.dtype``. Inputs are never modified. The product lands in one
+    ``out_dtype`` defaults to ``base.dtype``. Inputs are never modified and the result carries no
+    autograd history (it is a weight to ship, not part of the training graph). The product lands in one
     float32 buffer that is scaled and accumulated in place; for a float32 ``out_dtype`` that buffer
     is the result, otherwise it is cast once and freed.
     """

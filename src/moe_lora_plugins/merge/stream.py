@@ -84,7 +84,7 @@ class AdapterTable:
                 "under one name (the Megatron-Bridge EP naming bug: local expert indices not renumbered to "
                 "global ones); activate moe-lora-plugins' export patches before exporting."
             )
-        setattr(factors, side, tensor)
+        setattr(factors, side, tensor.detach())
 
     def pop(self, key: str) -> AdapterFactors | None:
         factors = self._factors.pop(key, None)
