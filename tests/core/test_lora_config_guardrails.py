@@ -152,8 +152,7 @@ def test_flags_parse_into_the_dataclass():
     parser = argparse.ArgumentParser()
     add_lora_arguments(parser)
     args = parser.parse_args(
-        "--enable-lora --lora-target-modules linear_qkv,linear_proj router --lora-rank 8 --lora-alpha 16 "
-        "--lora-dropout 0.05 --lora-expert-adapters shared-outer --lora-sync-mode merged".split()
+        ["--enable-lora", "--lora-target-modules", "linear_qkv,linear_proj", "router", "--lora-rank", "8", "--lora-alpha", "16", "--lora-dropout", "0.05", "--lora-expert-adapters", "shared-outer", "--lora-sync-mode", "merged"]
     )
     config = LoraConfig.from_args(args)
     assert config == LoraConfig(

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_lora_plugins.merge import AdapterTable, MergeStreamError, merge_weight_stream, merged_weight, module_key
+from moe_lora_plugins.merge import (
+    AdapterTable,
+    MergeStreamError,
+    merge_weight_stream,
+    merged_weight,
+    module_key,
+)
 
 PREFIX = "model.layers.0"
 

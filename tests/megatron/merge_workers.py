@@ -35,14 +35,15 @@ def merge_on_export_worker(
         moe_lora_plugins.activate(role="trainer")
     built = build_lora_model(hf_config, layout, lora)
     fill_from_global_names(built)
-    params = [(n, p) for chunk in built.model for n, p in chunk.named_parameters()]
+    params = [(f"chunk{i}.{n}", p) for i, chunk in enumerate(built.model) for n, p in chunk.named_parameters()]
     before = {n: (p.detach().clone(), p._version, p.data_ptr()) for n, p in params}
     out: dict[str, Any] = {
         "ours": _pairs(stream_merged_hf_weights(built.bridge, built.model, scale=lora.alpha / lora.dim))
     }
-    out["untouched"] = all(
-        torch.equal(p, before[n][0]) and p._version == before[n][1] and p.data_ptr() == before[n][2]
+    out["changed"] = sorted(
+        f"{n}: {'values' if not torch.equal(p, before[n][0]) else 'version' if p._version != before[n][1] else 'storage'}"
         for n, p in params
+        if not (torch.equal(p, before[n][0]) and p._version == before[n][1] and p.data_ptr() == before[n][2])
     )
     if with_references:
         out["upstream_merged"] = run_export(built, "merged")
@@ -134,3 +135,40 @@ def export_memory_worker(hf_config: Any, lora: LoraSettings, approaches: tuple[s
     param_bytes = sum(p.numel() * p.element_size() for chunk in model for p in chunk.parameters())
     largest = max(p.numel() * 4 for chunk in model for p in chunk.parameters())
     return {"peaks": peaks, "param_bytes": param_bytes, "largest_fp32_bytes": largest}
+
+
+def actor_only_worker(hf_config: Any) -> dict[str, Any]:
+    """Build the model once per role without LoRA, run the built-in hook, report what it did."""
+    from moe_lora_plugins.hooks.manager import new_plugin_manager
+    from moe_lora_plugins.lora_config import LoraConfig, LoraConfigError
+    from moe_lora_plugins.plugins.lora_actor import count_parameters, install_pre_wrap_hook
+
+    pm = new_plugin_manager(autoload=False)
+    config = LoraConfig(enabled=True, rank=4, alpha=8)
+
+    def summary(chunks: list[Any]) -> dict[str, Any]:
+        adapters = [n for c in chunks for n, m in c.named_modules() if n.endswith(".adapter")]
+        trainable, total = count_parameters(chunks)
+        adapter_params = sum(p.numel() for c in chunks for n, p in c.named_parameters() if ".adapter." in n)
+        return {"adapters": len(adapters), "adapter_names": adapters, "trainable": trainable, "total": total,
+                "adapter_params": adapter_params}
+
+    built = build_lora_model(hf_config, ParallelLayout(), lora=None)
+    out: dict[str, Any] = {}
+    for role in ("reference", "critic", "actor"):
+        chunks = built.provider.provide_distributed_model(wrap_with_ddp=False, use_cpu_initialization=True,
+                                                          mixed_precision_wrapper=None)
+        pm.hook.on_build_model(model_chunks=chunks, provider=built.provider, role=role, config=config)
+        out[role] = summary(chunks)
+    install_pre_wrap_hook(built.provider, "actor", config, plugin_manager=pm)
+    out["via_pre_wrap_hook"] = summary(built.provider.provide_distributed_model(
+        wrap_with_ddp=False, use_cpu_initialization=True, mixed_precision_wrapper=None))
+    chunks = built.model
+    try:
+        pm.hook.on_build_model(model_chunks=chunks, provider=built.provider, role="actor",
+                               config=LoraConfig(enabled=True, target_modules=("linear_q_down_proj",)))
+        out["refusal"] = ""
+    except LoraConfigError as exc:
+        out["refusal"] = str(exc)
+    out["after_refusal"] = summary(chunks)
+    return out

@@ -6,7 +6,13 @@ per-expert helpers); ``stream`` folds an adapter table into a stream of base wei
 keeps a copy of the model.
 """
 
-from moe_lora_plugins.merge.math import MergeShapeError, expert_factor, fused_row_blocks, lora_scale, merged_weight
+from moe_lora_plugins.merge.math import (
+    MergeShapeError,
+    expert_factor,
+    fused_row_blocks,
+    lora_scale,
+    merged_weight,
+)
 from moe_lora_plugins.merge.stream import AdapterTable, MergeStreamError, merge_weight_stream, module_key
 
 __all__ = [
