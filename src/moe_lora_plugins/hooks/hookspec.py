@@ -59,7 +59,8 @@ def on_build_model(model_chunks: list[Any], provider: Any, role: str, config: An
     :param model_chunks: the list of model chunks of this rank (one per virtual pipeline stage).
     :param provider: the Megatron-Bridge model provider that built them.
     :param role: ``"actor"``, ``"reference"`` or ``"critic"``. LoRA plugins act on ``"actor"`` only.
-    :param config: the host's LoRA / MoE configuration object (see ``moe_lora_plugins.lora.config``).
+    :param config: the host's LoRA / MoE configuration (``moe_lora_plugins.lora_config.LoraConfig`` or the
+        host's parsed arguments carrying the same flags).
 
     Use it to apply LoRA, set MoE runtime options, register bridges and seed. Implementations change
     the chunks in place; every implementation is called; results are ignored. Reached through

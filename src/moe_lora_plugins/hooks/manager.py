@@ -22,7 +22,9 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 # Built-in plugins: (name, "module" or "module:object"). A class is instantiated; anything else is
 # registered as it is.
-BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = ()
+BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (
+    ("lora_actor", "moe_lora_plugins.plugins.lora_actor"),
+)
 
 logger = logging.getLogger("moe_lora_plugins.hooks")
 _lock = threading.Lock()
