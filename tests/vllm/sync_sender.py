@@ -11,6 +11,32 @@ import json
 import os
 import sys
 
+import torch
+
+
+def compact_pieces(tensors: dict) -> list:
+    """Experts whose LoRA tensor is identical in every expert travel once, named with ``{expert}``."""
+    import re
+
+    from moe_lora_plugins.sync.protocol import AdapterPiece
+
+    groups: dict[str, dict[int, object]] = {}
+    pieces = []
+    for name, tensor in sorted(tensors.items()):
+        match = re.search(r"\.experts\.(\d+)\.", name)
+        if match is None:
+            pieces.append(AdapterPiece(name, tensor))
+            continue
+        template = name[: match.start()] + ".experts.{expert}." + name[match.end():]
+        groups.setdefault(template, {})[int(match.group(1))] = tensor
+    for template, by_expert in groups.items():
+        first = by_expert[0]
+        if all(torch.equal(first, t) for t in by_expert.values()):
+            pieces.append(AdapterPiece(template, first, shared_experts=len(by_expert)))
+        else:
+            pieces += [AdapterPiece(template.replace("{expert}", str(e)), t) for e, t in sorted(by_expert.items())]
+    return pieces
+
 
 def main(job_path: str) -> None:
     from safetensors.torch import load_file
@@ -24,7 +50,13 @@ def main(job_path: str) -> None:
     tensors = load_file(job["adapter"])
     layers = set(job["layers"])
     mine = {k: v for k, v in tensors.items() if int(k.split(".layers.")[1].split(".")[0]) in layers}
-    pieces = [AdapterPiece(k, v) for k, v in sorted(mine.items())]
+    mine = {k: v for k, v in mine.items() if not any(part in k for part in job.get("drop", ()))}
+    if "dtype" in job:
+        mine = {k: v.to(getattr(torch, job["dtype"])) for k, v in mine.items()}
+    if job.get("compact_shared_experts"):
+        pieces = compact_pieces(mine)
+    else:
+        pieces = [AdapterPiece(k, v) for k, v in sorted(mine.items())]
     group = new_sync_group(job["host"], job["port"], job["rank"], job["world_size"], "gloo", job.get("timeout_s", 60))
     fault = job.get("fault")
     if fault in ("stop_before_end", "duplicate_bucket"):

@@ -110,7 +110,7 @@ def save_peft_dir(path: str, tensors: dict[str, torch.Tensor], config: dict) -> 
     from safetensors.torch import save_file
 
     os.makedirs(path, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(path, "adapter_model.safetensors"))
+    save_file({k: v.clone().contiguous() for k, v in tensors.items()}, os.path.join(path, "adapter_model.safetensors"))
     with open(os.path.join(path, "adapter_config.json"), "w") as f:
         json.dump(config, f)
     return path

@@ -148,10 +148,6 @@ class MoeLoraWorkerExtension:
 
     def moelora_reload_weights(self, *args: Any, **kwargs: Any) -> list[str]:
         """``reload_weights`` (which drops every LoRA adapter), then re-add and re-pin the synced ones."""
-        from vllm.lora.request import LoRARequest
-
-        from moe_lora_plugins.patches.vllm.tensor_lora import adapter_path
-
         self.reload_weights(*args, **kwargs)
         return self.moelora_readd_adapters()
 
@@ -170,6 +166,14 @@ class MoeLoraWorkerExtension:
             self.pin_lora(info["lora_int_id"])
             readded.append(name)
         return readded
+
+    def moelora_remove_adapter(self, name: str) -> bool:
+        """Stop serving a synced adapter: drop it from the engine and from this worker's staging."""
+        from moe_lora_plugins.patches.vllm.tensor_lora import unstage
+
+        info = (self.moelora_served or {}).pop(name, None)
+        unstage(name)
+        return info is not None and self.remove_lora(info["lora_int_id"])
 
     def moelora_adapter_status(self) -> dict[str, Any]:
         """What this worker serves: adapter name -> id, sync version, wire bytes, loaded or not."""

@@ -15,7 +15,7 @@ def write_peft_dir(path: str, tensors: dict[str, Any], config: dict[str, Any]) -
     os.makedirs(path, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path, suffix=".tmp", delete=False) as tmp:
         tmp_weights = tmp.name
-    save_file({name: t.detach().contiguous().cpu() for name, t in tensors.items()}, tmp_weights)
+    save_file({name: t.detach().cpu().clone().contiguous() for name, t in tensors.items()}, tmp_weights)
     tmp_config = tmp_weights + ".json"
     with open(tmp_config, "w") as f:
         json.dump(config, f, indent=1, sort_keys=True)

@@ -33,9 +33,17 @@ def _rank_of(peft_config: Mapping[str, Any], module: str) -> int:
     return int(peft_config["r"])
 
 
+def routed_experts(hf_config: Mapping[str, Any]) -> int:
+    """Routed experts per MoE layer (0 for a dense model), whatever the config family calls them."""
+    for key in ("num_experts", "num_local_experts", "n_routed_experts"):
+        if hf_config.get(key):
+            return int(hf_config[key])
+    return 0
+
+
 def _moe_layers(hf_config: Mapping[str, Any]) -> set[int]:
     layers = int(hf_config["num_hidden_layers"])
-    experts = int(hf_config.get("num_experts") or hf_config.get("n_routed_experts") or 0)
+    experts = routed_experts(hf_config)
     if not experts:
         return set()
     step = int(hf_config.get("decoder_sparse_step") or 1)
@@ -61,8 +69,7 @@ def projection_shapes(hf_config: Mapping[str, Any], layer: int) -> dict[str, tup
     }
     if layer in _moe_layers(hf_config):
         inter = int(hf_config["moe_intermediate_size"])
-        experts = int(hf_config.get("num_experts") or hf_config.get("n_routed_experts"))
-        for e in range(experts):
+        for e in range(routed_experts(hf_config)):
             shapes[f"mlp.experts.{e}.gate_proj"] = (inter, hidden)
             shapes[f"mlp.experts.{e}.up_proj"] = (inter, hidden)
             shapes[f"mlp.experts.{e}.down_proj"] = (hidden, inter)

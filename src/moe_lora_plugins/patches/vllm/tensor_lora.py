@@ -159,6 +159,9 @@ def build_lora_model(manager: Any, lora_request: Any, tensors: dict[str, Any], c
     if ep_spec is not None:
         is_remote = lora_model_module._is_remote_expert_key
         tensors = {k: v for k, v in tensors.items() if not is_remote(k, ep_spec)}
+    # vLLM scales lora_B in place when it packs the adapter; the staged tensors must survive every
+    # rebuild (LRU reload, reload_weights) unchanged, and shared-expert names share one tensor.
+    tensors = {k: v.clone() for k, v in tensors.items()}
     lora = manager._lora_model_cls.from_lora_tensors(
         lora_model_id=lora_request.lora_int_id,
         tensors=tensors,
