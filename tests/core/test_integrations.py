@@ -56,5 +56,6 @@ def test_each_seam_activates_with_its_role_and_patches_apply(call, env, expected
         """,
         site=site,
         env=env,
+        no_site=True,
     )
     assert result == [expected, 12 if expected else 2], proc.stderr

@@ -122,8 +122,7 @@ def shadow_version_site(root: Path, spec: PatchSpec) -> Path:
 
 # The body that runs in the fresh interpreter. It prints one JSON line.
 _CHILD = r'''
-import importlib, json, logging, sys
-logging.basicConfig(level=logging.CRITICAL)
+import importlib, json, sys
 spec_id, case, strict = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
 from moe_lora_plugins.activation import activate, get_registry
 from moe_lora_plugins.hooks.manager import get_plugin_manager
