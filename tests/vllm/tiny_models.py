@@ -133,7 +133,7 @@ def reference_logprobs(model: TinyModel, prompts: list[list[int]], completions: 
                 _merge(state, module, delta)
     out = []
     with torch.no_grad():
-        for prompt, completion in zip(prompts, completions):
+        for prompt, completion in zip(prompts, completions, strict=True):
             ids = list(prompt) + list(completion)
             logprobs = torch.log_softmax(hf(torch.tensor([ids])).logits[0].double(), dim=-1)
             out.append([logprobs[t - 1, ids[t]].item() for t in range(len(prompt), len(ids))])

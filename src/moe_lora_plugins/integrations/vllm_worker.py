@@ -175,6 +175,12 @@ class MoeLoraWorkerExtension:
         unstage(name)
         return info is not None and self.remove_lora(info["lora_int_id"])
 
+    def moelora_patch_status(self) -> dict[str, str]:
+        """Each moe-lora-plugins patch's status in this worker process (``applied``, ``pending``, ...)."""
+        from moe_lora_plugins.activation import get_registry
+
+        return {row["id"]: row["status"] for row in get_registry().rows()}
+
     def moelora_adapter_status(self) -> dict[str, Any]:
         """What this worker serves: adapter name -> id, sync version, wire bytes, loaded or not."""
         loaded = self.list_loras()
