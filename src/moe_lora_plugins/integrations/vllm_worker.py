@@ -6,6 +6,18 @@ the class to the worker's bases, so every attribute is prefixed ``moelora_``. Im
 activates the suite (role ``vllm``) in the worker process, which is what brings the tensor-LoRA
 and CPU MoE-LoRA patches there.
 
+One sync, engine side (workers take group ranks 0..W-1, trainer senders W..W+S-1)::
+
+    engine.collective_rpc("moelora_init_sync_group", args=(host, port, 0, W + S))   # once
+    async with paused_generation(engine):
+        engine.collective_rpc("moelora_receive_adapter", args=("policy", 1, [W, ..., W + S - 1], step))
+    # requests name it with lora_request("policy", 1)
+
+and on each trainer sender (one per pipeline stage)::
+
+    group = new_sync_group(host, port, W + stage, W + S)                          # once
+    send_lora_adapter(adapter, group, list(range(W)), sender=stage, version=step, layers=my_layers)
+
 A sync is: receive every sender's buckets (staged on the CPU), validate against the engine's LoRA
 limits and the served model (every layer / expert / projection, shapes, dtype, sync complete),
 then swap in place under a stable LoRA id, pinned. Any failure leaves the adapter being served
@@ -56,12 +68,18 @@ class MoeLoraWorkerExtension:
 
     # -- transport ---------------------------------------------------------------------------
 
-    def moelora_init_sync_group(self, host: str, port: int, rank: int, world_size: int,
-                                backend: str = "gloo", timeout_s: float = 300.0) -> None:
-        """Join the sync group (trainer sender ranks + engine workers); call on every worker."""
+    def moelora_init_sync_group(self, host: str, port: int, first_rank: int, world_size: int,
+                                backend: str = "gloo", timeout_s: float = 300.0) -> int:
+        """Join the sync group (engine workers + trainer sender ranks); call on every worker at once.
+
+        Worker ``i`` of the engine (vLLM's global worker rank) takes group rank ``first_rank + i``;
+        returns it. Senders send to every worker's group rank.
+        """
         from moe_lora_plugins.sync.transport import new_sync_group
 
+        rank = first_rank + int(getattr(self, "rank", 0))
         self.moelora_sync_group = new_sync_group(host, port, rank, world_size, backend, timeout_s)
+        return rank
 
     def moelora_close_sync_group(self) -> None:
         self.moelora_sync_group = None
