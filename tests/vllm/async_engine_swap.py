@@ -14,7 +14,6 @@ import sys
 
 
 async def run(model: str, adapter_dir: str) -> dict:
-    from vllm import SamplingParams
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.entrypoints.openai.models.protocol import BaseModelPath
     from vllm.entrypoints.openai.models.serving import OpenAIServingModels
@@ -22,6 +21,7 @@ async def run(model: str, adapter_dir: str) -> dict:
     from vllm.v1.engine.async_llm import AsyncLLM
 
     from moe_lora_plugins.integrations.vllm_worker import paused_generation, register_served_adapter
+    from vllm import SamplingParams
 
     engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
         model=model, enable_lora=True, max_lora_rank=8, max_loras=2, dtype="float32", max_model_len=128,
