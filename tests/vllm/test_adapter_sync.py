@@ -8,8 +8,8 @@ through vLLM's own loader: the logprobs must be bitwise equal.
 from __future__ import annotations
 
 import pytest
-from conftest import greedy, sync_adapter
-from tiny_models import adapter_config, make_adapter, save_peft_dir
+from conftest import PROMPTS, greedy, max_abs_diff, sync_adapter
+from tiny_models import adapter_config, make_adapter, peft_reference_logprobs, save_peft_dir
 
 pytestmark = pytest.mark.vllm
 
@@ -201,3 +201,9 @@ def test_plugins_hear_of_every_activated_adapter_and_never_of_a_refused_one(engi
         engine.collective_rpc("moelora_remove_adapter", args=("heard",))
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
     assert recorder.calls == [("heard", 5, 8, nbytes)]
+
+
+def test_synced_adapter_matches_hugging_face_with_peft(engine, served, dense_model):
+    synced = policy_generation(engine)
+    reference = peft_reference_logprobs(dense_model, served["dir"], PROMPTS, synced.tokens)
+    assert max_abs_diff(synced.logprobs, reference) < 1e-4

@@ -181,3 +181,20 @@ def megatron_to_lora_adapter(tensors: dict[str, torch.Tensor], alpha: float = 16
     from moe_lora_plugins.lora.families import ModelDims
 
     return megatron_to_peft(tensors, "qwen3_moe", ModelDims(HEADS, KV_HEADS, HEAD_DIM, NUM_EXPERTS), alpha=alpha)
+
+
+def peft_reference_logprobs(model: TinyModel, adapter_dir: str, prompts: list[list[int]],
+                            completions: list[list[int]]) -> list[list[float]]:
+    """The same log-probabilities from Hugging Face transformers with the PEFT library's own LoRA layers."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model.path, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(hf, adapter_dir).eval()
+    out = []
+    with torch.no_grad():
+        for prompt, completion in zip(prompts, completions, strict=True):
+            ids = list(prompt) + list(completion)
+            logprobs = torch.log_softmax(peft_model(torch.tensor([ids])).logits[0].double(), dim=-1)
+            out.append([logprobs[t - 1, ids[t]].item() for t in range(len(prompt), len(ids))])
+    return out
