@@ -87,12 +87,18 @@ class MoeLoraWorkerExtension:
     def moelora_receive_adapter(self, name: str, lora_int_id: int, senders: Sequence[int],
                                 version: int | None = None) -> dict[str, Any]:
         """Receive one sync from ``senders`` (group ranks, in sender order), validate it, swap it in."""
+        from moe_lora_plugins.sync.errors import AdapterSyncError
         from moe_lora_plugins.sync.transport import receive_adapter
 
         if self.moelora_sync_group is None:
             raise RuntimeError("no sync group: call moelora_init_sync_group on every worker first")
         device = "cuda" if type(self.moelora_sync_group).__name__ == "ProcessGroupNCCL" else "cpu"
-        received = receive_adapter(self.moelora_sync_group, list(senders), version=version, device=device)
+        try:
+            received = receive_adapter(self.moelora_sync_group, list(senders), version=version, device=device)
+        except AdapterSyncError as exc:
+            # Messages may still be in flight on this group: it cannot carry another sync.
+            self.moelora_sync_group = None
+            raise type(exc)(f"{exc} The sync group was closed; call moelora_init_sync_group again.") from exc
         if not received.config:
             raise ValueError(
                 f"sync {received.version} carried no adapter config: the trainer must pass config= (r, lora_alpha, "
