@@ -105,7 +105,7 @@ def test_a_failing_chunk_closes_the_reload_session_and_the_engine_keeps_serving(
     llm, model = engine_and_model
     state = list(model.state_dict().items())
     broken = [*state[:3], ("model.layers.0.mlp.no_such_proj.weight", torch.zeros(4, 4)), *state[3:]]
-    with pytest.raises(ValueError, match="no_such_proj":
+    with pytest.raises(ValueError, match="no_such_proj"):
         sync_full_weights(llm, broken, max_bytes=64 * 1024)
     counts = sync_full_weights(llm, state, max_bytes=64 * 1024)
     assert counts["tensors"] == len(state)
