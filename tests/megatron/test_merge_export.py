@@ -82,7 +82,7 @@ def test_the_export_leaves_every_parameter_untouched(moe_world1):
 
 
 @pytest.mark.parametrize(
-    "layout", [ParallelLayout(pp=2), ParallelLayout(pp=2, vpp=2)], ids=lambda layout: layout.label
+    "layout", [ParallelLayout(pp=2, vpp=2)], ids=lambda layout: layout.label
 )
 def test_moe_merge_on_export_in_pipeline_layouts_equals_world1(moe_world1, layout):
     results = run_distributed(merge_on_export_worker, layout.world_size, (tiny_qwen3_moe_config(), layout, MOE_LORA))
