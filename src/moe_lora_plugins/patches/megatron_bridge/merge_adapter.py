@@ -31,19 +31,29 @@ SPECS = (
         upstream="Megatron-Bridge 0.6.2 peft_bridge.MegatronPeftBridge._merge_lora_adapter_weights",
         remove_when="Megatron-Bridge gathers SequentialMLP expert adapters across EP before merging",
         verified="megatron-bridge 0.6.2: CPU gloo EP=2/4, PP=2xEP=2; 2xH200 NCCL bf16 (tiny model and the "
-        "2.69 B anchor model). 0.4.x not verified.",
+        "2.69 B anchor model). "
+        "0.4.0 (read, not run): same signature and the same per-rank merge; left out of the range until "
+        "run there.",
     ),
 )
 
 
-def _all_gather(tensor: Any, group: Any, size: int) -> list[Any]:
+def _all_gather_pair(linear_in: Any, linear_out: Any, group: Any, size: int) -> list[tuple[Any, Any]]:
+    """``[(linear_in, linear_out)]`` of every EP rank, in rank order, through one ``all_gather``."""
     import torch
     import torch.distributed as dist
 
-    tensor = tensor.contiguous()
-    gathered = [torch.empty_like(tensor) for _ in range(size)]
-    dist.all_gather(gathered, tensor, group=group)
-    return gathered
+    from moe_lora_plugins.topology.ep_gather import pack_tensors, tensor_meta, unpack_tensors
+
+    flat = pack_tensors([linear_in, linear_out])
+    gathered = [torch.empty_like(flat) for _ in range(size)]
+    dist.all_gather(gathered, flat, group=group)
+    metas = [tensor_meta("linear_in", linear_in), tensor_meta("linear_out", linear_out)]
+    pairs = []
+    for buffer in gathered:
+        (_, a), (_, b) = unpack_tensors(buffer, metas)
+        pairs.append((a, b))
+    return pairs
 
 
 def merge_lora_adapter_weights(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -53,23 +63,24 @@ def merge_lora_adapter_weights(wrapped: Any, instance: Any, args: tuple[Any, ...
     from moe_lora_plugins.errors import MoeLoraError
     from moe_lora_plugins.patches.megatron_bridge._export_common import (
         bind_call,
-        ep_group,
-        group_size_rank,
+        ep_group_and_size,
         model_config,
     )
     from moe_lora_plugins.topology.naming import expert_owner, hf_expert_index
 
-    call = bind_call(wrapped, args, kwargs)
-    models, converted, adapters = call["megatron_model"], call["converted_weights_dict"], call["adapter_weights"]
-    if not converted or len(adapters) != 1 or ".local_experts." not in adapters[0].global_base_prefix:
-        return wrapped(*args, **kwargs)
-    group = ep_group(models)
-    size, _ = group_size_rank(group)
+    adapters = args[2] if len(args) > 2 else kwargs.get("adapter_weights")
+    if not adapters or len(adapters) != 1 or ".local_experts." not in adapters[0].global_base_prefix:
+        return wrapped(*args, **kwargs)  # dense and grouped adapters: no binding cost at all
+    models = args[0] if args else kwargs["megatron_model"]
+    group, size = ep_group_and_size(models)
     if size == 1:
         return wrapped(*args, **kwargs)
+    call = bind_call(wrapped, args, kwargs)
+    converted = call["converted_weights_dict"]
+    if not converted:
+        return wrapped(*args, **kwargs)
     adapter = adapters[0]
-    linear_in = _all_gather(adapter.linear_in_weight.weight, group, size)
-    linear_out = _all_gather(adapter.linear_out_weight.weight, group, size)
+    gathered = _all_gather_pair(adapter.linear_in_weight.weight, adapter.linear_out_weight.weight, group, size)
     num_experts = model_config(models).num_moe_experts
     by_owner: dict[int, dict[str, Any]] = {}
     for hf_name, base in converted.items():
@@ -84,8 +95,8 @@ def merge_lora_adapter_weights(wrapped: Any, instance: Any, args: tuple[Any, ...
     for owner, weights in sorted(by_owner.items()):
         owned = dataclasses.replace(
             adapter,
-            linear_in_weight=adapter.linear_in_weight._replace(weight=linear_in[owner]),
-            linear_out_weight=adapter.linear_out_weight._replace(weight=linear_out[owner]),
+            linear_in_weight=adapter.linear_in_weight._replace(weight=gathered[owner][0]),
+            linear_out_weight=adapter.linear_out_weight._replace(weight=gathered[owner][1]),
         )
         merged.update(wrapped(models, weights, [owned]))
     return merged
