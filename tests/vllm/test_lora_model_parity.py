@@ -189,7 +189,9 @@ def test_shared_outer_packs_like_the_per_expert_adapter(engine, model_dir, tmp_p
     ours = shared_llm.collective_rpc(_packed_from_tensors, args=(tensors, config, False))[0]
     del shared_llm
     shared = [n for n, t in ours.items() if t is not None and ".experts." in n and t.shape[0] == 1]
-    assert len(shared) == 3 * LAYERS, f"expected w1/w3 lora_a and w2 lora_b stored once per layer, got {shared}"
+    assert len(shared) == 3 * LAYERS, (
+        f"expected w1/w3 lora_a and w2 lora_b stored once per layer, got {shared}"
+    )
     expanded = {
         name: t.expand(EXPERTS, *t.shape[1:])
         if t is not None and ".experts." in name and t.shape[0] == 1
