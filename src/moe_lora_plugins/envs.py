@@ -45,6 +45,8 @@ SWITCHES: tuple[Switch, ...] = (
            "Trace every pluggy hook call and log patch decisions at DEBUG to stderr."),
     Switch("MOELORA_ROLE", "a short name (trainer, vllm, sglang, ...)", "(unset)",
            "The role the .pth bootstrap and the Ray setup hook activate with; written to status files."),
+    Switch("MOELORA_EXPORT_AUDIT", "on|off", "on",
+           "Audit every patched trainer export: each global (layer, expert, projection) once, right shape."),
     Switch("MOELORA_BLOCKED_PLUGINS", "comma-separated plugin names", "(none)",
            "Plugins (built-in or from the 'moelora.plugins' entry-point group) that are never registered."),
 )
@@ -98,6 +100,7 @@ class Settings:
     debug: bool = False
     blocked_plugins: tuple[str, ...] = ()
     role: str | None = None
+    export_audit: bool = True
     raw: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     def patch_enabled(self, patch_id: str) -> bool:
@@ -118,6 +121,7 @@ class Settings:
             "MOELORA_DEBUG": "on" if self.debug else "off",
             "MOELORA_BLOCKED_PLUGINS": ",".join(self.blocked_plugins),
             "MOELORA_ROLE": self.role or "",
+            "MOELORA_EXPORT_AUDIT": "on" if self.export_audit else "off",
         }
         return [
             {"name": s.name, "set": self.raw.get(s.name, ""), "parsed": parsed[s.name], "default": s.default}
@@ -149,24 +153,30 @@ def load_settings(
         debug=parse_bool("MOELORA_DEBUG", env.get("MOELORA_DEBUG")),
         blocked_plugins=parse_id_list(env.get("MOELORA_BLOCKED_PLUGINS")),
         role=(env.get("MOELORA_ROLE") or "").strip() or None,
+        export_audit=parse_bool("MOELORA_EXPORT_AUDIT", env.get("MOELORA_EXPORT_AUDIT"), default=True),
         raw=raw,
     )
     if known_patch_ids is not None:
-        for name, ids in (
-            ("MOELORA_PATCHES", settings.patches or ()),
-            ("MOELORA_DISABLED_PATCHES", settings.disabled_patches),
-            ("MOELORA_REQUIRE", settings.require),
-        ):
-            unknown = [i for i in ids if i not in known_patch_ids]
-            if unknown:
-                raise SettingsError(
-                    f"{name} names unknown patch id(s) {unknown}. Known ids: {sorted(known_patch_ids)}. "
-                    "Run `moe-lora-plugins doctor` to list them."
-                )
-        conflicting = [i for i in settings.require if not settings.patch_enabled(i)]
-        if conflicting:
-            raise SettingsError(
-                f"MOELORA_REQUIRE names {conflicting}, but MOELORA_PATCHES / MOELORA_DISABLED_PATCHES "
-                "switch them off. Remove them from one of the two."
-            )
+        validate_patch_ids(settings, known_patch_ids)
     return settings
+
+
+def validate_patch_ids(settings: Settings, known_patch_ids: frozenset[str]) -> None:
+    """Reject patch ids the registry does not know, and requiring a patch that is switched off."""
+    for name, ids in (
+        ("MOELORA_PATCHES", settings.patches or ()),
+        ("MOELORA_DISABLED_PATCHES", settings.disabled_patches),
+        ("MOELORA_REQUIRE", settings.require),
+    ):
+        unknown = [i for i in ids if i not in known_patch_ids]
+        if unknown:
+            raise SettingsError(
+                f"{name} names unknown patch id(s) {unknown}. Known ids: {sorted(known_patch_ids)}. "
+                "Run `moe-lora-plugins doctor` to list them."
+            )
+    conflicting = [i for i in settings.require if not settings.patch_enabled(i)]
+    if conflicting:
+        raise SettingsError(
+            f"MOELORA_REQUIRE names {conflicting}, but MOELORA_PATCHES / MOELORA_DISABLED_PATCHES "
+            "switch them off. Remove them from one of the two."
+        )

@@ -1,6 +1,6 @@
 """PatchSpec, the data that declares a patch, and the registry that applies, reverts and reports them.
 
-A patch never imports its target. ``PatchRegistry.apply`` registers a wrapt post-import hook, so the
+A patch never imports its target. ``PatchRegistry.apply`` registers a post-import hook, so the
 patch lands when (and only when) the host imports the target module, in whichever process that is.
 What was applied, the original objects and every status live here, not as marker attributes on the
 patched objects, so revert is exact and ``doctor`` can tell the truth about each process.
@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import enum
 import importlib
-import importlib.metadata
-import inspect
 import logging
 import sys
 import threading
@@ -20,6 +18,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from moe_lora_plugins._import_hooks import register_post_import_hook
 from moe_lora_plugins.errors import (
     IncompatibleVersionError,
     MissingSymbolError,
@@ -117,6 +116,8 @@ def signature_fingerprint(obj: Any) -> str:
     ``(models, config, param_name, vp_stage=)`` is what a four-parameter function with one default
     gives. classmethod / staticmethod objects are looked through.
     """
+    import inspect
+
     if isinstance(obj, (classmethod, staticmethod)):
         obj = obj.__func__
     try:
@@ -147,6 +148,8 @@ def signature_fingerprint(obj: Any) -> str:
 
 def installed_version(spec: PatchSpec) -> tuple[str | None, str | None]:
     """(distribution name, version) of the first installed alternative, read from metadata only."""
+    import importlib.metadata
+
     for dist in spec.distributions:
         try:
             return dist, importlib.metadata.version(dist)
@@ -266,8 +269,6 @@ class PatchRegistry:
 
     def apply(self, patch_id: str) -> PatchStatus:
         """Arrange for the patch to land when its target is imported (at once if it already is)."""
-        import wrapt
-
         with self._lock:
             record = self._record(patch_id)
             if record.status in (PatchStatus.APPLIED, PatchStatus.PENDING):
@@ -278,7 +279,7 @@ class PatchRegistry:
                 self._on_target_import(record, sys.modules[target])
             elif target not in record.hooks_registered:
                 record.hooks_registered.add(target)
-                wrapt.register_post_import_hook(lambda module, r=record: self._on_target_import(r, module), target)
+                register_post_import_hook(lambda module, r=record: self._on_target_import(r, module), target)
             return record.status
 
     def disable(self, patch_id: str, reason: str) -> None:
@@ -354,8 +355,6 @@ class PatchRegistry:
         Declared aliases get a post-import hook of their own; every module already imported under the
         target's top-level package is swept for the same object (the SGLang hook-registry habit).
         """
-        import wrapt
-
         spec = record.spec
         if isinstance(record.owner, type):
             return  # methods are looked up through the class; no module holds a copy worth rebinding
@@ -376,7 +375,7 @@ class PatchRegistry:
                 self._on_alias_import(record, sys.modules[module_name], attr)
             elif alias not in record.hooks_registered:
                 record.hooks_registered.add(alias)
-                wrapt.register_post_import_hook(
+                register_post_import_hook(
                     lambda module, r=record, a=attr: self._on_alias_import(r, module, a), module_name
                 )
 
@@ -431,14 +430,31 @@ class PatchRegistry:
                     patch_id,
                     record.spec.target_path,
                 )
-            for rebind in record.rebinds:
-                module = sys.modules.get(rebind.module)
-                if module is not None and getattr(module, rebind.name, None) is record.patched:
-                    setattr(module, rebind.name, rebind.original)
+            self._restore_copies(record)
             record.owner = record.original = record.patched = None
             record.rebinds = []
             self._set(record, PatchStatus.REVERTED, "")
             return record.status
+
+    def _restore_copies(self, record: PatchRecord) -> None:
+        """Put the original back wherever a copy of our patched object ended up.
+
+        That is every rebind we made, every declared alias, and any module under the target's package
+        that imported the name after the patch landed (it then copied the patched object itself).
+        """
+        places = {(r.module, r.name) for r in record.rebinds}
+        places.update(tuple(alias.split(":", 1)) for alias in record.spec.aliases)
+        if not isinstance(record.owner, type):
+            top = record.spec.target.split(".")[0] + "."
+            for module_name, module in list(sys.modules.items()):
+                if module_name.startswith(top) and module is not None:
+                    for attr, value in list(getattr(module, "__dict__", {}).items()):
+                        if value is record.patched:
+                            places.add((module_name, attr))
+        for module_name, attr in places:
+            module = sys.modules.get(module_name)
+            if module is not None and getattr(module, attr, None) is record.patched:
+                setattr(module, attr, record.original)
 
     def revert_all(self) -> None:
         for patch_id in list(self._records):

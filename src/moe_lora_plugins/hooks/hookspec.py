@@ -14,12 +14,24 @@ import pluggy
 if TYPE_CHECKING:
     from moe_lora_plugins.envs import Settings
     from moe_lora_plugins.hooks.context import ExportContext
+    from moe_lora_plugins.registry import PatchSpec
 
 hookspec = pluggy.HookspecMarker("moelora")
 
 # -------------------------------------------------------------------------------------------------
 # Process lifecycle
 # -------------------------------------------------------------------------------------------------
+
+
+@hookspec
+def moelora_patch_specs() -> Iterable[PatchSpec]:
+    """Return the PatchSpecs this plugin brings, in addition to the built-in ones.
+
+    Called once per process, when the registry is built (at ``activate()`` or by ``doctor``), before
+    any patch is applied. Every implementation is called; the union of the results is registered.
+    Spec ids must be unique across plugins (a clash raises). Implementations must not import the
+    patch targets: the registry applies the specs lazily, like the built-in ones.
+    """
 
 
 @hookspec
@@ -47,7 +59,8 @@ def on_build_model(model_chunks: list[Any], provider: Any, role: str, config: An
     :param model_chunks: the list of model chunks of this rank (one per virtual pipeline stage).
     :param provider: the Megatron-Bridge model provider that built them.
     :param role: ``"actor"``, ``"reference"`` or ``"critic"``. LoRA plugins act on ``"actor"`` only.
-    :param config: the host's LoRA / MoE configuration object (see ``moe_lora_plugins.lora.config``).
+    :param config: the host's LoRA / MoE configuration (``moe_lora_plugins.lora_config.LoraConfig`` or the
+        host's parsed arguments carrying the same flags).
 
     Use it to apply LoRA, set MoE runtime options, register bridges and seed. Implementations change
     the chunks in place; every implementation is called; results are ignored. Reached through

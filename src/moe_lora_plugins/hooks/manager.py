@@ -11,17 +11,20 @@ from typing import Any
 
 import pluggy
 
+import moe_lora_plugins.hooks.hookspec as hookspec_module
 from moe_lora_plugins.envs import Settings, load_settings
 from moe_lora_plugins.errors import PluginError
-import moe_lora_plugins.hooks.hookspec as hookspec_module
 from moe_lora_plugins.hooks.context import ExportContext
 
 PROJECT = "moelora"
 ENTRY_POINT_GROUP = "moelora.plugins"
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
-# Built-in plugins: (name, module). Each module is registered as a plugin object.
-BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = ()
+# Built-in plugins: (name, "module" or "module:object"). A class is instantiated; anything else is
+# registered as it is.
+BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (
+    ("lora_actor", "moe_lora_plugins.plugins.lora_actor"),
+)
 
 logger = logging.getLogger("moe_lora_plugins.hooks")
 _lock = threading.Lock()
@@ -43,7 +46,7 @@ def new_plugin_manager(
         if pm.is_blocked(name):
             continue
         try:
-            pm.register(importlib.import_module(module_name), name=name)
+            pm.register(_load_plugin_object(module_name), name=name)
         except pluggy.PluginValidationError as exc:
             raise PluginError(f"built-in plugin {name!r} ({module_name}) is invalid: {exc}") from exc
     if autoload:
@@ -59,6 +62,19 @@ def new_plugin_manager(
         pm.trace.root.setwriter(lambda message: sys.stderr.write(f"[moe-lora-plugins] {message}"))
         pm.enable_tracing()
     return pm
+
+
+def _load_plugin_object(path: str) -> Any:
+    module_name, _, attr = path.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    if attr:
+        obj = getattr(obj, attr)
+    return obj() if isinstance(obj, type) else obj
+
+
+def loaded_plugin_names(pm: pluggy.PluginManager) -> list[str]:
+    """Names of the registered plugins (blocked names, which pluggy lists with ``None``, left out)."""
+    return sorted(name for name, plugin in pm.list_name_plugin() if plugin is not None)
 
 
 def check_hook_names(pm: pluggy.PluginManager) -> None:

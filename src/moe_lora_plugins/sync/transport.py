@@ -1,0 +1,193 @@
+"""Moving an adapter sync over a torch.distributed process group (gloo on the CPU, NCCL on GPUs).
+
+Senders (trainer ranks, e.g. one per pipeline stage) and receivers (engine workers) share a group
+made for the sync alone. Every sender sends each of its buckets to every receiver point to point:
+header, manifest, payload. A receiver takes the senders' streams one after another and feeds an
+:class:`AdapterAssembler`. The group is any object with torch's ``ProcessGroup`` ``send`` / ``recv``
+methods, addressed with ranks of that group; :func:`new_sync_group` makes one without touching
+the default process group (an engine worker already has one of its own).
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from moe_lora_plugins.sync.assembly import AdapterAssembler, ReceivedAdapter
+from moe_lora_plugins.sync.errors import AdapterSyncError, IncompleteSyncError
+from moe_lora_plugins.sync.protocol import (
+    HEADER_LEN,
+    AdapterPiece,
+    BucketHeader,
+    Manifest,
+    ManifestEntry,
+    dtype_name,
+    plan_buckets,
+)
+
+DEFAULT_BUCKET_BYTES = 64 << 20
+
+
+def new_sync_group(host: str, port: int, rank: int, world_size: int, backend: str = "gloo",
+                   timeout_s: float = 300.0) -> Any:
+    """A process group of ``world_size`` ranks rendezvousing at ``host:port``, outside the default group.
+
+    Rank 0 hosts the TCP store. ``backend`` is ``"gloo"`` (CPU tensors) or ``"nccl"`` (CUDA tensors).
+    """
+    import torch.distributed as dist
+
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = dist.TCPStore(host, port, world_size, is_master=(rank == 0), timeout=timeout)
+    if backend == "gloo":
+        return dist.ProcessGroupGloo(dist.PrefixStore("moelora-sync", store), rank, world_size, timeout)
+    if backend == "nccl":
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = timeout
+        return dist.ProcessGroupNCCL(dist.PrefixStore("moelora-sync", store), rank, world_size, options)
+    raise ValueError(f"sync backend must be 'gloo' or 'nccl', not {backend!r}")
+
+
+@dataclass(frozen=True)
+class SendReport:
+    sender: int
+    buckets: int
+    payload_bytes: int
+    tensors: int
+
+
+def _as_bytes(tensor: Any) -> Any:
+    import torch
+
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def _send(group: Any, tensor: Any, dst: int) -> None:
+    group.send([tensor], dst, 0).wait()
+
+
+def _recv(group: Any, tensor: Any, src: int) -> None:
+    group.recv([tensor], src, 0).wait()
+
+
+def _bucket_of(pieces: Sequence[AdapterPiece], device: Any = "cpu") -> tuple[Manifest, Any]:
+    """The manifest and the flat, unpadded uint8 payload of one bucket."""
+    import torch
+
+    entries, chunks, offset = [], [], 0
+    for piece in pieces:
+        entries.append(ManifestEntry(piece.name, dtype_name(piece.tensor.dtype), tuple(piece.tensor.shape),
+                                     offset, piece.nbytes, piece.shard, piece.shared_experts))
+        chunks.append(_as_bytes(piece.tensor).to(device))
+        offset += piece.nbytes
+    payload = torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.uint8, device=device)
+    return Manifest(entries), payload
+
+
+def send_adapter(
+    pieces: Iterable[AdapterPiece],
+    group: Any,
+    receivers: Sequence[int],
+    *,
+    sender: int,
+    version: int,
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    config: dict[str, Any] | None = None,
+    device: Any = "cpu",
+    wait_for_ack: bool = True,
+) -> SendReport:
+    """Send this sender's pieces in buckets of at most ``bucket_bytes``, then its end marker.
+
+    ``sender`` numbers the senders of one sync 0..S-1 (for example the pipeline stage); ``version``
+    is the sync's sequence number (the training step). ``config`` is the PEFT adapter config (r,
+    lora_alpha, target_modules, ...); every sender that passes one must pass the same. With
+    ``wait_for_ack`` it returns once every receiver confirmed the buckets it received.
+    """
+    import torch
+
+    pieces = list(pieces)
+    buckets = plan_buckets((p.nbytes for p in pieces), bucket_bytes)
+    total = 0
+    for seq, indices in enumerate(buckets):
+        manifest, payload = _bucket_of([pieces[i] for i in indices], device)
+        header = BucketHeader(version, seq, sender, False, 0, int(payload.numel()))
+        _send_bucket(group, receivers, header, manifest, payload, device)
+        total += int(payload.numel())
+    summary: dict[str, Any] = {"buckets": len(buckets), "payload_bytes": total, "tensors": len(pieces)}
+    if config is not None:
+        summary["config"] = config
+    _send_bucket(group, receivers, BucketHeader(version, len(buckets), sender, True, 0, 0), Manifest([], summary),
+                 None, device)
+    if wait_for_ack:
+        for src in receivers:
+            ack = torch.zeros(1, dtype=torch.int64, device=device)
+            _recv(group, ack, src)
+            if int(ack.item()) != len(buckets):
+                raise AdapterSyncError(
+                    f"receiver at group rank {src} acknowledged {int(ack.item())} bucket(s) of sender {sender}, "
+                    f"{len(buckets)} were sent"
+                )
+    return SendReport(sender, len(buckets), total, len(pieces))
+
+
+def _send_bucket(group: Any, receivers: Sequence[int], header: BucketHeader, manifest: Manifest,
+                 payload: Any, device: Any) -> None:
+    import torch
+
+    raw = manifest.encode()
+    header = BucketHeader(header.version, header.seq, header.sender, header.is_end, len(raw), header.payload_nbytes)
+    header_tensor = torch.tensor(header.to_list(), dtype=torch.int64, device=device)
+    manifest_tensor = torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(device)
+    for dst in receivers:
+        _send(group, header_tensor, dst)
+        _send(group, manifest_tensor, dst)
+        if header.payload_nbytes:
+            _send(group, payload, dst)
+
+
+def receive_adapter(group: Any, senders: Sequence[int], *, version: int | None = None,
+                    device: Any = "cpu") -> ReceivedAdapter:
+    """Receive one sync from the given sender ranks (in the order of their sender numbers) and assemble it.
+
+    Tensors are staged on the CPU whatever ``device`` the transport uses. A transport failure before
+    every end marker arrived raises :class:`IncompleteSyncError`, naming what had arrived.
+    """
+    import torch
+
+    assembler = AdapterAssembler(len(senders), version)
+    for sender, src in enumerate(senders):
+        ended = False
+        while not ended:
+            try:
+                header_tensor = torch.empty(HEADER_LEN, dtype=torch.int64, device=device)
+                _recv(group, header_tensor, src)
+                header = BucketHeader.from_list(header_tensor.cpu().tolist())
+                manifest_tensor = torch.empty(header.manifest_nbytes, dtype=torch.uint8, device=device)
+                _recv(group, manifest_tensor, src)
+                manifest = Manifest.decode(bytes(manifest_tensor.cpu().numpy().tobytes()))
+                payload = torch.empty(header.payload_nbytes, dtype=torch.uint8, device=device)
+                if header.payload_nbytes:
+                    _recv(group, payload, src)
+            except AdapterSyncError:
+                raise
+            except Exception as exc:  # the transport itself failed: a sender died or the group timed out
+                raise IncompleteSyncError(
+                    f"the sync stopped before the end marker of the sender at group rank {src} "
+                    f"({assembler.progress()}): {type(exc).__name__}: {exc}. Nothing was activated; check the "
+                    "trainer rank's log and retry the sync on a fresh group."
+                ) from exc
+            if header.sender != sender:
+                raise AdapterSyncError(
+                    f"group rank {src} sent buckets as sender {header.sender}, but the receiver lists it as sender "
+                    f"{sender} (senders={list(senders)}); pass the senders' group ranks in sender-number order"
+                )
+            assembler.add_bucket(header, manifest, payload)
+            ended = header.is_end
+        _send(group, torch.tensor([assembler.buckets_from(sender)], dtype=torch.int64, device=device), src)
+    return assembler.finish()
+
+
+def adapter_pieces(tensors: dict[str, Any]) -> list[AdapterPiece]:
+    """Whole, unsharded pieces for a plain PEFT-named ``{name: tensor}`` adapter."""
+    return [AdapterPiece(name, tensor) for name, tensor in tensors.items()]

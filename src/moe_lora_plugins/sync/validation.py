@@ -1,0 +1,119 @@
+"""What a complete adapter must contain, and the check of a received one against it.
+
+The expectation is derived from the served model's Hugging Face config and the adapter's PEFT
+config (rank, rank_pattern, target_modules): every layer, every projection it targets, every
+routed expert of every MoE layer, with the shape and dtype the engine will load. Nothing here
+knows about vLLM; the worker extension adds the engine's own limits.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from moe_lora_plugins.sync.errors import AdapterValidationError
+
+PEFT_LAYER_PREFIX = "base_model.model.model.layers"
+_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class ExpectedTensor:
+    shape: tuple[int, int]
+    dtype: Any
+
+
+def _rank_of(peft_config: Mapping[str, Any], module: str) -> int:
+    for pattern, rank in (peft_config.get("rank_pattern") or {}).items():
+        if re.search(pattern, module) or module.endswith(pattern):
+            return int(rank)
+    return int(peft_config["r"])
+
+
+def routed_experts(hf_config: Mapping[str, Any]) -> int:
+    """Routed experts per MoE layer (0 for a dense model), whatever the config family calls them."""
+    for key in ("num_experts", "num_local_experts", "n_routed_experts"):
+        if hf_config.get(key):
+            return int(hf_config[key])
+    return 0
+
+
+def _moe_layers(hf_config: Mapping[str, Any]) -> set[int]:
+    layers = int(hf_config["num_hidden_layers"])
+    experts = routed_experts(hf_config)
+    if not experts:
+        return set()
+    step = int(hf_config.get("decoder_sparse_step") or 1)
+    mlp_only = set(hf_config.get("mlp_only_layers") or ())
+    first_dense = int(hf_config.get("first_k_dense_replace") or 0)
+    return {
+        layer for layer in range(layers)
+        if layer not in mlp_only and layer >= first_dense and (layer + 1) % step == 0
+    }
+
+
+def projection_shapes(hf_config: Mapping[str, Any], layer: int) -> dict[str, tuple[int, int]]:
+    """(out, in) of every LoRA-able projection of one decoder layer of a Qwen3 / Llama-style model."""
+    hidden = int(hf_config["hidden_size"])
+    heads = int(hf_config["num_attention_heads"])
+    kv_heads = int(hf_config.get("num_key_value_heads") or heads)
+    head_dim = int(hf_config.get("head_dim") or hidden // heads)
+    shapes = {
+        "self_attn.q_proj": (heads * head_dim, hidden),
+        "self_attn.k_proj": (kv_heads * head_dim, hidden),
+        "self_attn.v_proj": (kv_heads * head_dim, hidden),
+        "self_attn.o_proj": (hidden, heads * head_dim),
+    }
+    if layer in _moe_layers(hf_config):
+        inter = int(hf_config["moe_intermediate_size"])
+        for e in range(routed_experts(hf_config)):
+            shapes[f"mlp.experts.{e}.gate_proj"] = (inter, hidden)
+            shapes[f"mlp.experts.{e}.up_proj"] = (inter, hidden)
+            shapes[f"mlp.experts.{e}.down_proj"] = (hidden, inter)
+    else:
+        inter = int(hf_config["intermediate_size"])
+        shapes["mlp.gate_proj"] = (inter, hidden)
+        shapes["mlp.up_proj"] = (inter, hidden)
+        shapes["mlp.down_proj"] = (hidden, inter)
+    return shapes
+
+
+def expected_adapter(hf_config: Mapping[str, Any], peft_config: Mapping[str, Any], dtype: Any) -> dict[str, ExpectedTensor]:
+    """Every ``lora_A`` / ``lora_B`` tensor a complete adapter has, PEFT-named, with shape and dtype."""
+    targets = peft_config.get("target_modules") or ()
+    if isinstance(targets, str):
+        raise AdapterValidationError(
+            [f"target_modules is the regex {targets!r}; sync validation needs an explicit list of module names"]
+        )
+    targets = set(targets)
+    expected: dict[str, ExpectedTensor] = {}
+    for layer in range(int(hf_config["num_hidden_layers"])):
+        for module, (out_dim, in_dim) in projection_shapes(hf_config, layer).items():
+            leaf = module.rsplit(".", 1)[-1]
+            if leaf not in targets and not (".experts." in module and "experts" in targets):
+                continue
+            name = f"{PEFT_LAYER_PREFIX}.{layer}.{module}"
+            rank = _rank_of(peft_config, name)
+            expected[f"{name}.lora_A.weight"] = ExpectedTensor((rank, in_dim), dtype)
+            expected[f"{name}.lora_B.weight"] = ExpectedTensor((out_dim, rank), dtype)
+    return expected
+
+
+def check_adapter(tensors: Mapping[str, Any], expected: Mapping[str, ExpectedTensor], context: str = "") -> None:
+    """Raise :class:`AdapterValidationError` naming every missing, unexpected or ill-shaped / -typed tensor."""
+    problems: list[str] = []
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    problems += [f"missing {name} (expected shape {list(expected[name].shape)})" for name in missing]
+    problems += [f"unexpected {name}: the served model / adapter config has no such LoRA tensor" for name in unexpected]
+    for name in sorted(set(expected) & set(tensors)):
+        want, got = expected[name], tensors[name]
+        if tuple(got.shape) != want.shape:
+            problems.append(f"{name} has shape {list(got.shape)}, expected {list(want.shape)}")
+        if want.dtype is not None and got.dtype != want.dtype:
+            problems.append(f"{name} has dtype {got.dtype}, expected {want.dtype} (the engine's LoRA dtype)")
+    if problems:
+        raise AdapterValidationError(problems, context)

@@ -1,0 +1,118 @@
+"""The expert-parallel gather plan for an export stream, and byte packing for one-shot transfers.
+
+Each EP rank emits some names that every EP rank emits too (dense tensors, or experts the upstream
+code already gathered) and some that only it holds (its own experts). :func:`plan_ep_gather` tells
+the two apart from every rank's list of names and refuses anything else (a name emitted by some but
+not all ranks, or twice by one rank), so an export can never silently lose or double an expert.
+:func:`pack_tensors` / :func:`unpack_tensors` turn a rank's own tensors into one flat byte buffer and
+back, bit for bit, so the whole gather is a single ``all_gather``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from moe_lora_plugins.errors import MoeLoraError
+
+
+class EPGatherError(MoeLoraError, ValueError):
+    """Expert-parallel ranks disagree about what they export, so no correct gather exists."""
+
+
+@dataclass(frozen=True)
+class EPGatherPlan:
+    """``replicated``: names every EP rank emits; ``owned[r]``: names only EP rank ``r`` emits, in its order."""
+
+    replicated: frozenset[str]
+    owned: tuple[tuple[str, ...], ...]
+
+    @property
+    def ep_size(self) -> int:
+        return len(self.owned)
+
+    def owner(self, name: str) -> int | None:
+        for rank, names in enumerate(self.owned):
+            if name in names:
+                return rank
+        return None
+
+
+def _shown(names: Sequence[str], limit: int = 6) -> str:
+    names = sorted(names)
+    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def plan_ep_gather(names_by_rank: Sequence[Sequence[str]]) -> EPGatherPlan:
+    """Split every EP rank's emitted names into replicated ones and rank-owned ones."""
+    if not names_by_rank:
+        raise EPGatherError("an expert-parallel gather needs the names of at least one rank")
+    for rank, names in enumerate(names_by_rank):
+        doubled = [name for name, count in Counter(names).items() if count > 1]
+        if doubled:
+            raise EPGatherError(f"EP rank {rank} emits these names more than once: {_shown(doubled)}")
+    size = len(names_by_rank)
+    holders = Counter(name for names in names_by_rank for name in set(names))
+    partial = [name for name, count in holders.items() if 1 < count < size]
+    if partial:
+        raise EPGatherError(
+            f"these names are emitted by some but not all of the {size} EP ranks, so they are neither "
+            f"replicated nor owned by one rank: {_shown(partial)}"
+        )
+    replicated = frozenset(name for name, count in holders.items() if count == size) if size > 1 else frozenset()
+    owned = tuple(tuple(name for name in names if name not in replicated) for names in names_by_rank)
+    if size == 1:
+        owned = (tuple(names_by_rank[0]),)
+    return EPGatherPlan(replicated=replicated, owned=owned)
+
+
+TensorMeta = tuple[str, tuple[int, ...], str]  # (name, shape, dtype name)
+
+
+def tensor_meta(name: str, tensor: Any) -> TensorMeta:
+    return name, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch.")
+
+
+def pack_tensors(tensors: Sequence[Any], device: Any = None) -> Any:
+    """One flat ``uint8`` tensor holding the bytes of ``tensors`` back to back (on ``device``)."""
+    import torch
+
+    if not tensors:
+        return torch.empty(0, dtype=torch.uint8, device=device)
+    parts = [t.detach().contiguous().reshape(-1).view(torch.uint8) for t in tensors]
+    flat = torch.cat([p.to(device) if device is not None else p for p in parts])
+    return flat
+
+
+def packed_nbytes(metas: Sequence[TensorMeta]) -> int:
+    import torch
+
+    total = 0
+    for _, shape, dtype in metas:
+        numel = 1
+        for size in shape:
+            numel *= size
+        total += numel * torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    return total
+
+
+def unpack_tensors(flat: Any, metas: Sequence[TensorMeta]) -> list[tuple[str, Any]]:
+    """Inverse of :func:`pack_tensors`: ``[(name, tensor)]`` viewing slices of ``flat``."""
+    import torch
+
+    out: list[tuple[str, Any]] = []
+    offset = 0
+    for name, shape, dtype in metas:
+        torch_dtype = getattr(torch, dtype)
+        numel = 1
+        for size in shape:
+            numel *= size
+        nbytes = numel * torch.empty((), dtype=torch_dtype).element_size()
+        chunk = flat[offset : offset + nbytes]
+        out.append((name, chunk.view(torch_dtype).reshape(shape)))
+        offset += nbytes
+    if offset > flat.numel():
+        raise EPGatherError(f"packed buffer holds {flat.numel()} bytes, the metadata needs {offset}")
+    return out

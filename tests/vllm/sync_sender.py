@@ -1,0 +1,76 @@
+"""A trainer-side sender process for the vLLM sync tests: one pipeline stage's share of an adapter.
+
+Run as ``python sync_sender.py <job.json>``. The job names the rendezvous, this sender's group rank
+and sender number, the receivers, the adapter file and which layers this stage owns, the bucket
+size, and a ``fault`` to inject on the wire (``duplicate_bucket``, ``stop_before_end``) or none.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+
+def compact_pieces(tensors: dict) -> list:
+    """Experts whose LoRA tensor is identical in every expert travel once, named with ``{expert}``."""
+    import re
+
+    from moe_lora_plugins.sync.protocol import AdapterPiece
+
+    groups: dict[str, dict[int, object]] = {}
+    pieces = []
+    for name, tensor in sorted(tensors.items()):
+        match = re.search(r"\.experts\.(\d+)\.", name)
+        if match is None:
+            pieces.append(AdapterPiece(name, tensor))
+            continue
+        template = name[: match.start()] + ".experts.{expert}." + name[match.end():]
+        groups.setdefault(template, {})[int(match.group(1))] = tensor
+    for template, by_expert in groups.items():
+        first = by_expert[0]
+        if all(torch.equal(first, t) for t in by_expert.values()):
+            pieces.append(AdapterPiece(template, first, shared_experts=len(by_expert)))
+        else:
+            pieces += [AdapterPiece(template.replace("{expert}", str(e)), t) for e, t in sorted(by_expert.items())]
+    return pieces
+
+
+def main(job_path: str) -> None:
+    from safetensors.torch import load_file
+
+    from moe_lora_plugins.sync import transport
+    from moe_lora_plugins.sync.protocol import AdapterPiece, BucketHeader
+    from moe_lora_plugins.sync.transport import new_sync_group, send_adapter
+
+    with open(job_path) as f:
+        job = json.load(f)
+    tensors = load_file(job["adapter"])
+    layers = set(job["layers"])
+    mine = {k: v for k, v in tensors.items() if int(k.split(".layers.")[1].split(".")[0]) in layers}
+    mine = {k: v for k, v in mine.items() if not any(part in k for part in job.get("drop", ()))}
+    if "dtype" in job:
+        mine = {k: v.to(getattr(torch, job["dtype"])) for k, v in mine.items()}
+    if job.get("compact_shared_experts"):
+        pieces = compact_pieces(mine)
+    else:
+        pieces = [AdapterPiece(k, v) for k, v in sorted(mine.items())]
+    group = new_sync_group(job["host"], job["port"], job["rank"], job["world_size"], "gloo", job.get("timeout_s", 60))
+    fault = job.get("fault")
+    if fault in ("stop_before_end", "duplicate_bucket"):
+        manifest, payload = transport._bucket_of(pieces[:1])
+        header = BucketHeader(job["version"], 0, job["sender"], False, 0, int(payload.numel()))
+        copies = 2 if fault == "duplicate_bucket" else 1
+        for _ in range(copies):
+            transport._send_bucket(group, job["receivers"], header, manifest, payload, "cpu")
+        os._exit(0)
+    else:
+        report = send_adapter(pieces, group, job["receivers"], sender=job["sender"], version=job["version"],
+                              bucket_bytes=job["bucket_bytes"], config=job["config"])
+        print(json.dumps({"buckets": report.buckets, "payload_bytes": report.payload_bytes}), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
