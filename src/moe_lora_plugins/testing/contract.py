@@ -82,10 +82,14 @@ def write_distribution(site: Path, name: str, version: str, entry_points: str = 
 
 
 def write_module(site: Path, dotted: str, source: str) -> None:
-    """Write ``dotted`` as a module under ``site``, parents as namespace packages."""
+    """Write ``dotted`` as a module under ``site``, with empty ``__init__.py`` parents."""
     parts = dotted.split(".")
     path = site.joinpath(*parts[:-1])
     path.mkdir(parents=True, exist_ok=True)
+    for depth in range(1, len(parts)):  # regular packages, so an installed real package cannot win
+        init = site.joinpath(*parts[:depth], "__init__.py")
+        if not init.exists():
+            init.write_text("")
     (path / f"{parts[-1]}.py").write_text(textwrap.dedent(source))
 
 
