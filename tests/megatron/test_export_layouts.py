@@ -6,7 +6,8 @@ name, in N real gloo processes. Each layout runs once: the unpatched upstream ex
 ``moe_lora_plugins.activate()`` and the same exports again. Every rank's stream is compared name by
 name, bitwise, with the unpatched world-size-1 export.
 
-Also EP=2 x expert-TP=2 (4 ranks). Not covered here: TP > 1 with MoE (the non-TE local spec needs sequence parallelism for it and
+Layouts: EP=2, EP=4, PP=2 x EP=2, PP=2 x VPP=2, expert-TP=2, EP=2 x expert-TP=2. Not covered here:
+TP > 1 with MoE (per UPSTREAM.md the non-TE local spec needs sequence parallelism for it and
 rejects it), TEGroupedMLP and legacy GroupedMLP experts (they need Transformer Engine / grouped
 GEMM kernels that do not build on this CPU); their naming is covered in tests/core.
 
