@@ -6,7 +6,8 @@ name, in N real gloo processes. Each layout runs once: the unpatched upstream ex
 ``moe_lora_plugins.activate()`` and the same exports again. Every rank's stream is compared name by
 name, bitwise, with the unpatched world-size-1 export.
 
-Not covered here: TP > 1 with MoE (the non-TE local spec needs sequence parallelism for it and
+Layouts: EP=2, EP=4, PP=2 x EP=2, PP=2 x VPP=2, expert-TP=2, EP=2 x expert-TP=2. Not covered here:
+TP > 1 with MoE (per UPSTREAM.md the non-TE local spec needs sequence parallelism for it and
 rejects it), TEGroupedMLP and legacy GroupedMLP experts (they need Transformer Engine / grouped
 GEMM kernels that do not build on this CPU); their naming is covered in tests/core.
 
@@ -36,6 +37,7 @@ LAYOUTS = {
     "pp2-ep2": ParallelLayout(pp=2, ep=2),
     "pp2-vpp2": ParallelLayout(pp=2, vpp=2),
     "etp2": ParallelLayout(etp=2),
+    "ep2-etp2": ParallelLayout(ep=2, etp=2),
 }
 # What unpatched Megatron-Bridge 0.6.2 gets wrong in each layout (the patches fix all of it).
 UPSTREAM_BROKEN = {
@@ -44,6 +46,7 @@ UPSTREAM_BROKEN = {
     "pp2-ep2": {"merged", "adapter", "peft"},
     "pp2-vpp2": set(),
     "etp2": {"merged", "adapter", "peft"},
+    "ep2-etp2": {"merged", "adapter", "peft"},
 }
 NUM_EXPERTS = 4
 DEVICE = os.environ.get("MOELORA_EXPORT_TEST_DEVICE", "cpu")
@@ -110,7 +113,7 @@ def test_unpatched_upstream_export_differs_exactly_where_documented(reference, t
         assert all(equal), f"upstream {kind} export under {label} differs from world size 1"
 
 
-@pytest.mark.parametrize("label", ["ep2", "ep4", "pp2-ep2"])
+@pytest.mark.parametrize("label", ["ep2", "ep4", "pp2-ep2", "ep2-etp2"])
 def test_unpatched_adapter_export_misses_the_other_ranks_experts(reference, tmp_path_factory, label):
     ep = LAYOUTS[label].ep
     results = _exports(label, tmp_path_factory)
