@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import greedy, max_abs_diff, sync_adapter
 from tiny_models import LAYERS, NUM_EXPERTS, adapter_config, make_adapter, reference_logprobs, save_peft_dir
+
+from conftest import greedy, max_abs_diff, sync_adapter
 
 pytestmark = pytest.mark.vllm
 
