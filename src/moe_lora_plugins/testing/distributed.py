@@ -116,7 +116,7 @@ def run_distributed(
             proc.join(timeout_s)
             if proc.is_alive():
                 failures[rank] = f"rank {rank} did not finish within {timeout_s:.0f} s (killed)"
-        for rank, proc in enumerate(procs):
+        for proc in procs:
             if proc.is_alive():
                 proc.kill()
                 proc.join()

@@ -72,6 +72,10 @@ class LoraSettings:
     share_expert_adapters: bool = True
 
 
+WORLD_SIZE_1 = ParallelLayout()
+DEFAULT_LORA = LoraSettings()
+
+
 def tiny_qwen3_moe_config(**overrides: Any) -> Any:
     """A Qwen3-MoE HF config small enough for 4 CPU processes: 4 layers, hidden 64, 4 experts."""
     from transformers import Qwen3MoeConfig
@@ -144,8 +148,8 @@ _FUSIONS_OFF = (
 
 def build_lora_model(
     hf_config: Any,
-    layout: ParallelLayout = ParallelLayout(),
-    lora: LoraSettings | None = LoraSettings(),
+    layout: ParallelLayout = WORLD_SIZE_1,
+    lora: LoraSettings | None = DEFAULT_LORA,
     *,
     dtype: Any = None,
     device: str = "cpu",
@@ -273,13 +277,15 @@ def _is_fused_gate_up(name: str, gated: bool) -> bool:
     return name.endswith((".linear_fc1.weight", ".to_wrap.weight", ".adapter.linear_out.weight"))
 
 
-def deterministic_tensor(global_name: str, shape: Sequence[int], seed: int = 0) -> Any:
-    """A float32 tensor that depends only on (name, shape, seed): ``N(0, 0.02)``, or ``1 + N(0, 0.02)``
-    for 1-D tensors (norm weights)."""
+def deterministic_tensor(global_name: str, shape: Sequence[int], seed: int = 0, device: Any = "cpu") -> Any:
+    """A float32 tensor that depends only on (name, shape, seed, device type): ``N(0, 0.02)``, or
+    ``1 + N(0, 0.02)`` for 1-D tensors (norm weights). CPU and CUDA generators give different values."""
     import torch
 
-    generator = torch.Generator().manual_seed((zlib.crc32(global_name.encode()) + seed * 7919) % (2**63))
-    values = torch.randn(tuple(shape), generator=generator, dtype=torch.float32) * 0.02
+    generator = torch.Generator(device=device).manual_seed(
+        (zlib.crc32(global_name.encode()) + seed * 7919) % (2**63)
+    )
+    values = torch.randn(tuple(shape), generator=generator, dtype=torch.float32, device=device) * 0.02
     if len(shape) == 1:
         values += 1.0
     return values
@@ -314,11 +320,12 @@ def global_shape(name: str, param: Any) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def fill_from_global_names(built: BuiltModel, seed: int = 0) -> dict[str, tuple[int, ...]]:
+def fill_from_global_names(built: BuiltModel, seed: int = 0, generate_on: str = "cpu") -> dict[str, tuple[int, ...]]:
     """Overwrite every parameter with :func:`deterministic_tensor` of its global name, sharded.
 
     LoRA B matrices get non-zero values too, so merged exports differ from plain ones. Returns
-    ``{global megatron name: global shape}`` of what this rank filled.
+    ``{global megatron name: global shape}`` of what this rank filled. ``generate_on="cuda"`` draws
+    the values on the GPU (fast for billion-parameter models; comparable only with other CUDA fills).
     """
     import torch
 
@@ -329,7 +336,8 @@ def fill_from_global_names(built: BuiltModel, seed: int = 0) -> dict[str, tuple[
             for local_name, param in chunk.named_parameters():
                 name = global_param_name(chunk, local_name)
                 shape = global_shape(name, param)
-                full = deterministic_tensor(name, shape, seed)
+                device = param.device if generate_on == "cuda" else "cpu"
+                full = deterministic_tensor(name, shape, seed, device=device)
                 param.copy_(shard_for_rank(full, name, param, gated).to(param.dtype))
                 filled[name] = shape
     return filled
@@ -427,7 +435,7 @@ def export_worker(
     hf_config: Any,
     layout: ParallelLayout,
     kinds: Sequence[ExportKind] = EXPORT_KINDS,
-    lora: LoraSettings | None = LoraSettings(),
+    lora: LoraSettings | None = DEFAULT_LORA,
     activate: bool = False,
     dtype_name: str = "float32",
     device: str = "cpu",
@@ -450,4 +458,37 @@ def export_worker(
     for kind in kinds:
         kwargs = {"path": peft_dir} if kind == "peft" else {}
         out[kind] = run_export(built, kind, **kwargs)
+    return out
+
+
+def upstream_and_patched_exports(
+    hf_config: Any,
+    layout: ParallelLayout,
+    kinds: Sequence[ExportKind] = EXPORT_KINDS,
+    lora: LoraSettings | None = DEFAULT_LORA,
+    peft_dir: str | None = None,
+    dtype_name: str = "float32",
+    device: str = "cpu",
+) -> dict[str, dict[str, list[tuple[str, Any]]]]:
+    """One rank: build and fill once, export every kind with unpatched upstream, then activate
+    moe-lora-plugins and export again. Returns ``{"upstream": {kind: ...}, "patched": {kind: ...}}``.
+
+    ``kind="peft"`` in ``kinds`` needs ``peft_dir``; upstream and patched write to subfolders of it.
+    Running both in one process halves the cost of a layout in CI. ``device="cuda"`` with
+    ``dtype_name="bfloat16"`` is the GPU (NCCL) variant.
+    """
+    import torch
+
+    import moe_lora_plugins
+
+    built = build_lora_model(hf_config, layout, lora, dtype=getattr(torch, dtype_name), device=device)
+    fill_from_global_names(built)
+    out: dict[str, dict[str, list[tuple[str, Any]]]] = {}
+    for phase in ("upstream", "patched"):
+        if phase == "patched":
+            moe_lora_plugins.activate(role="trainer")
+        out[phase] = {}
+        for kind in kinds:
+            kwargs = {"path": f"{peft_dir}/{phase}"} if kind == "peft" else {}
+            out[phase][kind] = run_export(built, kind, **kwargs)
     return out

@@ -70,32 +70,46 @@ def plan_ep_gather(names_by_rank: Sequence[Sequence[str]]) -> EPGatherPlan:
 
 TensorMeta = tuple[str, tuple[int, ...], str]  # (name, shape, dtype name)
 
+_ALIGN = 16  # bytes: every tensor starts aligned, so its slice can be viewed as its dtype without a copy
+
+
+def _padded(nbytes: int) -> int:
+    return -(-nbytes // _ALIGN) * _ALIGN
+
+
+def _nbytes(shape: tuple[int, ...], dtype: str) -> int:
+    import torch
+
+    numel = 1
+    for size in shape:
+        numel *= size
+    return numel * torch.empty((), dtype=getattr(torch, dtype)).element_size()
+
 
 def tensor_meta(name: str, tensor: Any) -> TensorMeta:
     return name, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch.")
 
 
 def pack_tensors(tensors: Sequence[Any], device: Any = None) -> Any:
-    """One flat ``uint8`` tensor holding the bytes of ``tensors`` back to back (on ``device``)."""
+    """One flat ``uint8`` tensor holding the bytes of ``tensors`` back to back, each start 16-byte aligned."""
     import torch
 
     if not tensors:
         return torch.empty(0, dtype=torch.uint8, device=device)
-    parts = [t.detach().contiguous().reshape(-1).view(torch.uint8) for t in tensors]
-    flat = torch.cat([p.to(device) if device is not None else p for p in parts])
-    return flat
+    parts = []
+    for tensor in tensors:
+        raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+        raw = raw.to(device) if device is not None else raw
+        parts.append(raw)
+        pad = _padded(raw.numel()) - raw.numel()
+        if pad:
+            parts.append(torch.zeros(pad, dtype=torch.uint8, device=raw.device))
+    return torch.cat(parts)
 
 
 def packed_nbytes(metas: Sequence[TensorMeta]) -> int:
-    import torch
-
-    total = 0
-    for _, shape, dtype in metas:
-        numel = 1
-        for size in shape:
-            numel *= size
-        total += numel * torch.empty((), dtype=getattr(torch, dtype)).element_size()
-    return total
+    """Size of :func:`pack_tensors` output for tensors described by ``metas`` (alignment included)."""
+    return sum(_padded(_nbytes(shape, dtype)) for _, shape, dtype in metas)
 
 
 def unpack_tensors(flat: Any, metas: Sequence[TensorMeta]) -> list[tuple[str, Any]]:
@@ -105,14 +119,10 @@ def unpack_tensors(flat: Any, metas: Sequence[TensorMeta]) -> list[tuple[str, An
     out: list[tuple[str, Any]] = []
     offset = 0
     for name, shape, dtype in metas:
-        torch_dtype = getattr(torch, dtype)
-        numel = 1
-        for size in shape:
-            numel *= size
-        nbytes = numel * torch.empty((), dtype=torch_dtype).element_size()
+        nbytes = _nbytes(shape, dtype)
         chunk = flat[offset : offset + nbytes]
-        out.append((name, chunk.view(torch_dtype).reshape(shape)))
-        offset += nbytes
+        out.append((name, chunk.view(getattr(torch, dtype)).reshape(shape)))
+        offset += _padded(nbytes)
     if offset > flat.numel():
         raise EPGatherError(f"packed buffer holds {flat.numel()} bytes, the metadata needs {offset}")
     return out

@@ -42,6 +42,6 @@ def merge_fused_gate_up_shards(gate: Any, up: Any, tp_size: int, dim: int = 0) -
     if gate.shape[dim] % tp_size != 0:
         raise ValueError(f"{gate.shape[dim]} gate rows cannot be split over {tp_size} shards")
     parts = []
-    for g, u in zip(torch.chunk(gate, tp_size, dim=dim), torch.chunk(up, tp_size, dim=dim)):
+    for g, u in zip(torch.chunk(gate, tp_size, dim=dim), torch.chunk(up, tp_size, dim=dim), strict=True):
         parts.extend((g, u))
     return torch.cat(parts, dim=dim)

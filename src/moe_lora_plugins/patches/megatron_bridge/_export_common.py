@@ -169,6 +169,6 @@ def gather_expert_items(items: list[Any], group: Any) -> list[Any]:
     out = [item for item in items if item[0] in plan.replicated]
     for owner, metas in enumerate(owned_meta):
         tensors = unpack_tensors(received[owner][: sizes[owner]], [meta for meta, _ in metas])
-        for (name, tensor), (_, rest) in zip(tensors, metas):
+        for (name, tensor), (_, rest) in zip(tensors, metas, strict=True):
             out.append(rebuild_item(template, name, tensor.clone().to(local_device), rest))
     return out
