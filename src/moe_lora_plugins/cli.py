@@ -55,6 +55,10 @@ def _run_ledger(args: argparse.Namespace) -> int:
 
 SUBCOMMANDS: list[Subcommand] = [_add_doctor, _add_ledger]
 
+from moe_lora_plugins.lora.cli import add_convert_subcommand  # noqa: E402  (argparse only at import)
+
+SUBCOMMANDS.append(add_convert_subcommand)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(

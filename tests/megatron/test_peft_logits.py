@@ -4,7 +4,8 @@ as the Megatron model with LoRA (float32, CPU).
 The base weights reach HF through Megatron-Bridge's plain export (saved as a checkpoint that
 transformers loads; transformers v5 fuses the per-expert tensors into its 3-D expert parameters on
 load), the adapter through :func:`moe_lora_plugins.lora.export.save_peft_adapter`; ``peft`` converts
-its per-expert LoRA to the 3-D ``target_parameters`` form for transformers v5 on load.
+its per-expert LoRA to the 3-D ``target_parameters`` form for transformers v5 on load (and the
+router's ``mlp.gate`` LoRA to a ``gate.weight`` parameter LoRA).
 """
 
 from __future__ import annotations
@@ -92,8 +93,10 @@ def _hf_peft_logits(base_dir: Path, adapter_dir: Path, tokens):
     ("config_kind", "target_modules"),
     [
         ("moe", ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")),
+        ("moe", ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "router")),
         ("dense", ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")),
     ],
+    ids=["qwen3_moe", "qwen3_moe-router", "qwen3"],
 )
 def test_peft_adapter_logits_equal_megatron_lora_logits(tmp_path, config_kind, target_modules):
     (result,) = run_distributed(_megatron_and_peft_dirs, 1, args=(config_kind, target_modules, str(tmp_path)))
@@ -103,7 +106,7 @@ def test_peft_adapter_logits_equal_megatron_lora_logits(tmp_path, config_kind, t
     diff = (logits - result["logits"]).abs().max().item()
     lora_effect = (base_logits - result["logits"]).abs().max().item()
     print(
-        f"{config_kind}: max |HF+PEFT - Megatron+LoRA| = {diff:.3e} (LoRA moves logits by {lora_effect:.3e})"
+        f"{config_kind} {'+'.join(target_modules)}: max |HF+PEFT - Megatron+LoRA| = {diff:.3e} (LoRA moves logits by {lora_effect:.3e})"
     )
     assert lora_effect > 1e3 * TOLERANCE, (
         "the adapter barely changes the logits: the comparison would prove nothing"

@@ -155,9 +155,9 @@ FAMILIES: dict[str, ModelFamily] = {
         ModelFamily(
             "qwen3_moe",
             ("qwen3_moe",),
-            _GQA_ATTENTION + _DENSE_MLP + _ROUTER,
+            _GQA_ATTENTION + _ROUTER,
             ExpertsRule(),
-            notes="routed experts, no shared expert; dense MLP rules cover mlp_only_layers",
+            notes="every layer MoE (as Megatron-Bridge builds it: no mlp_only_layers), no shared expert",
         ),
         ModelFamily(
             "qwen2_moe",
