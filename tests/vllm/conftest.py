@@ -46,7 +46,7 @@ def start_engine(model: tiny_models.TinyModel, max_loras: int = 3) -> Any:
 
     return LLM(
         model=model.path, enable_lora=True, max_lora_rank=MAX_LORA_RANK, max_loras=max_loras, max_cpu_loras=max_loras + 2, dtype="float32",
-        max_model_len=128, enforce_eager=True, max_num_seqs=4, gpu_memory_utilization=0.05,
+        max_model_len=128, enforce_eager=True, max_num_seqs=4, kv_cache_memory_bytes=64 << 20,
         worker_extension_cls=EXTENSION,
     )
 

@@ -14,36 +14,13 @@ import sys
 import torch
 
 
-def compact_pieces(tensors: dict) -> list:
-    """Experts whose LoRA tensor is identical in every expert travel once, named with ``{expert}``."""
-    import re
-
-    from moe_lora_plugins.sync.protocol import AdapterPiece
-
-    groups: dict[str, dict[int, object]] = {}
-    pieces = []
-    for name, tensor in sorted(tensors.items()):
-        match = re.search(r"\.experts\.(\d+)\.", name)
-        if match is None:
-            pieces.append(AdapterPiece(name, tensor))
-            continue
-        template = name[: match.start()] + ".experts.{expert}." + name[match.end():]
-        groups.setdefault(template, {})[int(match.group(1))] = tensor
-    for template, by_expert in groups.items():
-        first = by_expert[0]
-        if all(torch.equal(first, t) for t in by_expert.values()):
-            pieces.append(AdapterPiece(template, first, shared_experts=len(by_expert)))
-        else:
-            pieces += [AdapterPiece(template.replace("{expert}", str(e)), t) for e, t in sorted(by_expert.items())]
-    return pieces
-
-
 def main(job_path: str) -> None:
     from safetensors.torch import load_file
 
+    from moe_lora_plugins.lora.wire import encode
     from moe_lora_plugins.sync import transport
     from moe_lora_plugins.sync.protocol import AdapterPiece, BucketHeader
-    from moe_lora_plugins.sync.transport import new_sync_group, send_adapter
+    from moe_lora_plugins.sync.transport import new_sync_group, pieces_from_wire, send_adapter
 
     with open(job_path) as f:
         job = json.load(f)
@@ -54,17 +31,18 @@ def main(job_path: str) -> None:
     if "dtype" in job:
         mine = {k: v.to(getattr(torch, job["dtype"])) for k, v in mine.items()}
     if job.get("compact_shared_experts"):
-        pieces = compact_pieces(mine)
+        # The compact wire form: a tensor shared by every expert travels once.
+        pieces = pieces_from_wire(encode(mine, dedupe="content"))
     else:
         pieces = [AdapterPiece(k, v) for k, v in sorted(mine.items())]
     group = new_sync_group(job["host"], job["port"], job["rank"], job["world_size"], "gloo", job.get("timeout_s", 60))
     fault = job.get("fault")
     if fault in ("stop_before_end", "duplicate_bucket"):
-        manifest, payload = transport._bucket_of(pieces[:1])
+        manifest, payload = transport.pack_bucket(pieces[:1])
         header = BucketHeader(job["version"], 0, job["sender"], False, 0, int(payload.numel()))
         copies = 2 if fault == "duplicate_bucket" else 1
         for _ in range(copies):
-            transport._send_bucket(group, job["receivers"], header, manifest, payload, "cpu")
+            transport.send_bucket(group, job["receivers"], header, manifest, payload, "cpu")
         os._exit(0)
     else:
         report = send_adapter(pieces, group, job["receivers"], sender=job["sender"], version=job["version"],

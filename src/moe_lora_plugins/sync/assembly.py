@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moe_lora_plugins.sync.errors import AdapterSyncError, IncompleteSyncError
-from moe_lora_plugins.sync.protocol import EXPERT_PLACEHOLDER, BucketHeader, Manifest, ManifestEntry, dtype_from_name
+from moe_lora_plugins.sync.protocol import BucketHeader, Manifest, ManifestEntry, dtype_from_name
 
 
 @dataclass
@@ -127,12 +127,9 @@ class AdapterAssembler:
             )
         dtype = dtype_from_name(entry.dtype)
         tensor = payload[entry.offset : end].clone().view(dtype).reshape(entry.shape)
-        if entry.shared_experts is not None:
-            for expert in range(entry.shared_experts):
-                self._put(entry.name.replace(EXPERT_PLACEHOLDER, str(expert)), tensor, header)
-            return
         if entry.shard is None:
-            self._put(entry.name, tensor, header)
+            for name in entry.names:
+                self._put(name, tensor, header)
             return
         shard = entry.shard
         shard_set = self._shards.setdefault(entry.name, _ShardSet(shard.count, shard.dim))
@@ -152,7 +149,9 @@ class AdapterAssembler:
 
             parts = [shard_set.parts[i] for i in range(shard_set.count)]
             del self._shards[entry.name]
-            self._put(entry.name, torch.cat(parts, dim=shard_set.dim), header)
+            whole = torch.cat(parts, dim=shard_set.dim)
+            for name in entry.names:
+                self._put(name, whole, header)
 
     def _put(self, name: str, tensor: Any, header: BucketHeader) -> None:
         if name in self._tensors:

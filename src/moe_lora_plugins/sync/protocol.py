@@ -41,28 +41,50 @@ class ShardSpec:
 
 @dataclass
 class AdapterPiece:
-    """One tensor (or one shard of one) that a sender puts on the wire.
+    """One tensor (or one shard of one) that a sender puts on the wire, and the names it serves.
 
-    ``shared_experts=E`` marks a compact shared-expert tensor: its ``name`` contains ``{expert}``
-    and the receiver expands it to E names that share one tensor.
+    ``name`` and ``aliases`` are the names the receiver files the tensor under (a LoRA A shared by
+    q/k/v, say). A name containing ``{expert}`` stands for one name per index in ``experts``: a
+    compact shared-expert tensor travels once and is expanded at the receiver without a copy.
     """
 
     name: str
     tensor: Any
     shard: ShardSpec | None = None
-    shared_experts: int | None = None
+    experts: tuple[int, ...] = ()
+    aliases: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.shared_experts is not None and EXPERT_PLACEHOLDER not in self.name:
+        templated = [n for n in self.names if EXPERT_PLACEHOLDER in n]
+        if templated and not self.experts:
             raise ValueError(
-                f"piece {self.name!r} is marked shared across {self.shared_experts} experts, but its name has no "
-                f"{EXPERT_PLACEHOLDER!r} placeholder to expand; name it like "
-                "'...mlp.experts.{expert}.gate_proj.lora_A.weight'."
+                f"piece {templated[0]!r} has the {EXPERT_PLACEHOLDER!r} placeholder but no experts to expand it "
+                "to; pass experts=(0, 1, ...)"
             )
+        if self.experts and not templated:
+            raise ValueError(
+                f"piece {self.name!r} lists experts {self.experts[:4]}... but none of its names has the "
+                f"{EXPERT_PLACEHOLDER!r} placeholder; name it like '...mlp.experts.{{expert}}.gate_proj.lora_A.weight'"
+            )
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.name, *self.aliases)
 
     @property
     def nbytes(self) -> int:
         return int(self.tensor.numel() * self.tensor.element_size())
+
+
+def expand_names(names: Sequence[str], experts: Sequence[int]) -> list[str]:
+    """Every concrete name of a piece: ``{expert}`` names once per expert, the others as they are."""
+    out: list[str] = []
+    for name in names:
+        if EXPERT_PLACEHOLDER in name:
+            out.extend(name.replace(EXPERT_PLACEHOLDER, str(e)) for e in experts)
+        else:
+            out.append(name)
+    return out
 
 
 @dataclass(frozen=True)
@@ -102,15 +124,22 @@ class ManifestEntry:
     offset: int
     nbytes: int
     shard: ShardSpec | None = None
-    shared_experts: int | None = None
+    experts: tuple[int, ...] = ()
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def names(self) -> list[str]:
+        return expand_names((self.name, *self.aliases), self.experts)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape),
                                "offset": self.offset, "nbytes": self.nbytes}
         if self.shard is not None:
             out["shard"] = self.shard.to_json()
-        if self.shared_experts is not None:
-            out["shared_experts"] = self.shared_experts
+        if self.experts:
+            out["experts"] = list(self.experts)
+        if self.aliases:
+            out["aliases"] = list(self.aliases)
         return out
 
     @classmethod
@@ -119,7 +148,8 @@ class ManifestEntry:
             name=value["name"], dtype=value["dtype"], shape=tuple(int(s) for s in value["shape"]),
             offset=int(value["offset"]), nbytes=int(value["nbytes"]),
             shard=ShardSpec.from_json(value["shard"]) if "shard" in value else None,
-            shared_experts=value.get("shared_experts"),
+            experts=tuple(int(e) for e in value.get("experts", ())),
+            aliases=tuple(value.get("aliases", ())),
         )
 
 

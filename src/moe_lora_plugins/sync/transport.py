@@ -71,14 +71,14 @@ def _recv(group: Any, tensor: Any, src: int) -> None:
     group.recv([tensor], src, 0).wait()
 
 
-def _bucket_of(pieces: Sequence[AdapterPiece], device: Any = "cpu") -> tuple[Manifest, Any]:
+def pack_bucket(pieces: Sequence[AdapterPiece], device: Any = "cpu") -> tuple[Manifest, Any]:
     """The manifest and the flat, unpadded uint8 payload of one bucket."""
     import torch
 
     entries, chunks, offset = [], [], 0
     for piece in pieces:
         entries.append(ManifestEntry(piece.name, dtype_name(piece.tensor.dtype), tuple(piece.tensor.shape),
-                                     offset, piece.nbytes, piece.shard, piece.shared_experts))
+                                     offset, piece.nbytes, piece.shard, tuple(piece.experts), tuple(piece.aliases)))
         chunks.append(_as_bytes(piece.tensor).to(device))
         offset += piece.nbytes
     payload = torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.uint8, device=device)
@@ -110,14 +110,14 @@ def send_adapter(
     buckets = plan_buckets((p.nbytes for p in pieces), bucket_bytes)
     total = 0
     for seq, indices in enumerate(buckets):
-        manifest, payload = _bucket_of([pieces[i] for i in indices], device)
+        manifest, payload = pack_bucket([pieces[i] for i in indices], device)
         header = BucketHeader(version, seq, sender, False, 0, int(payload.numel()))
-        _send_bucket(group, receivers, header, manifest, payload, device)
+        send_bucket(group, receivers, header, manifest, payload, device)
         total += int(payload.numel())
     summary: dict[str, Any] = {"buckets": len(buckets), "payload_bytes": total, "tensors": len(pieces)}
     if config is not None:
         summary["config"] = config
-    _send_bucket(group, receivers, BucketHeader(version, len(buckets), sender, True, 0, 0), Manifest([], summary),
+    send_bucket(group, receivers, BucketHeader(version, len(buckets), sender, True, 0, 0), Manifest([], summary),
                  None, device)
     if wait_for_ack:
         for src in receivers:
@@ -131,8 +131,9 @@ def send_adapter(
     return SendReport(sender, len(buckets), total, len(pieces))
 
 
-def _send_bucket(group: Any, receivers: Sequence[int], header: BucketHeader, manifest: Manifest,
-                 payload: Any, device: Any) -> None:
+def send_bucket(group: Any, receivers: Sequence[int], header: BucketHeader, manifest: Manifest,
+                payload: Any, device: Any = "cpu") -> None:
+    """Send one bucket (header, manifest, payload) to every receiver; the header's manifest size is filled in."""
     import torch
 
     raw = manifest.encode()
@@ -191,3 +192,12 @@ def receive_adapter(group: Any, senders: Sequence[int], *, version: int | None =
 def adapter_pieces(tensors: dict[str, Any]) -> list[AdapterPiece]:
     """Whole, unsharded pieces for a plain PEFT-named ``{name: tensor}`` adapter."""
     return [AdapterPiece(name, tensor) for name, tensor in tensors.items()]
+
+
+def pieces_from_wire(payload: Any) -> list[AdapterPiece]:
+    """Pieces for a compact ``moe_lora_plugins.lora.wire.WirePayload``: each distinct tensor travels once."""
+    pieces = []
+    for entry in payload.manifest.entries:
+        pieces.append(AdapterPiece(entry.names[0], payload.tensors[entry.key], experts=tuple(entry.experts),
+                                   aliases=tuple(entry.names[1:])))
+    return pieces

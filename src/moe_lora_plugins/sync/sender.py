@@ -1,0 +1,77 @@
+"""The trainer side of an adapter sync: from an exported adapter to buckets on the wire.
+
+Takes what the export produces (a ``moe_lora_plugins.lora.convert.LoraAdapter``, a PEFT-named
+``{name: tensor}`` dict, or an export stream of ``(hf_name, tensor)`` / ``(hf_name, tensor,
+megatron_name)`` tuples), keeps the layers this sender owns (one sender per pipeline stage), puts it
+in the compact wire form (a tensor shared under several names, like a shared expert adapter,
+travels once) and sends it in buckets of at most ``bucket_bytes``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from typing import Any
+
+from moe_lora_plugins.sync.protocol import AdapterPiece
+from moe_lora_plugins.sync.transport import DEFAULT_BUCKET_BYTES, SendReport, pieces_from_wire, send_adapter
+
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+_PEFT_ADAPTER_NAME = re.compile(r"\.(lora_[AB])\.[^.]+\.weight$")
+
+
+def tensors_from_export(stream: Iterable[tuple[Any, ...]]) -> dict[str, Any]:
+    """``{peft_name: tensor}`` from an export stream of 2-tuples (upstream) or 3-tuples (slime/miles fork).
+
+    PEFT's per-adapter segment (``lora_A.default.weight``) is dropped: vLLM and the receiver use
+    ``lora_A.weight``.
+    """
+    out: dict[str, Any] = {}
+    for item in stream:
+        if len(item) not in (2, 3):
+            raise ValueError(f"an export stream yields (name, tensor) or (name, tensor, megatron_name), got {len(item)} items")
+        name, tensor = item[0], item[1]
+        out[_PEFT_ADAPTER_NAME.sub(r".\1.weight", name)] = tensor
+    return out
+
+
+def layer_of(name: str) -> int | None:
+    match = _LAYER.search(name)
+    return int(match.group(1)) if match else None
+
+
+def sync_pieces(tensors: Mapping[str, Any], layers: Collection[int] | None = None, compact: bool = True) -> list[AdapterPiece]:
+    """The pieces one sender sends: its layers only (all when ``layers`` is None), in the compact wire form."""
+    mine = {k: v for k, v in tensors.items() if layers is None or layer_of(k) in layers}
+    if not compact:
+        return [AdapterPiece(k, v) for k, v in sorted(mine.items())]
+    from moe_lora_plugins.lora.wire import encode
+
+    return pieces_from_wire(encode(mine))
+
+
+def send_lora_adapter(
+    adapter: Any,
+    group: Any,
+    receivers: Sequence[int],
+    *,
+    sender: int,
+    version: int,
+    layers: Collection[int] | None = None,
+    config: Mapping[str, Any] | None = None,
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    device: Any = "cpu",
+    compact: bool = True,
+) -> SendReport:
+    """Send an exported adapter (``LoraAdapter``, ``{name: tensor}`` or export stream) from one trainer rank.
+
+    ``config`` defaults to the ``LoraAdapter``'s PEFT config; with a dict or stream, pass it.
+    """
+    if hasattr(adapter, "tensors") and hasattr(adapter, "peft_config"):
+        tensors, config = adapter.tensors, config or adapter.peft_config()
+    elif isinstance(adapter, Mapping):
+        tensors = adapter
+    else:
+        tensors = tensors_from_export(adapter)
+    return send_adapter(sync_pieces(tensors, layers, compact), group, receivers, sender=sender, version=version,
+                        bucket_bytes=bucket_bytes, config=dict(config) if config is not None else None, device=device)

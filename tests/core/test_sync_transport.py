@@ -1,0 +1,105 @@
+"""Adapter sync over a real gloo group: trainer senders and engine receivers in separate processes."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from moe_lora_plugins.sync.errors import IncompleteSyncError
+from moe_lora_plugins.sync.sender import send_lora_adapter, sync_pieces, tensors_from_export
+from moe_lora_plugins.sync.transport import new_sync_group, receive_adapter
+
+CONFIG = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "up_proj"]}
+EXPERTS = 8
+
+
+def adapter() -> dict[str, torch.Tensor]:
+    """Two layers: attention LoRA per layer, one expert adapter shared by all experts of a layer."""
+    g = torch.Generator().manual_seed(3)
+    out: dict[str, torch.Tensor] = {}
+    for layer in range(2):
+        head = f"base_model.model.model.layers.{layer}"
+        out[f"{head}.self_attn.q_proj.lora_A.weight"] = torch.randn(4, 64, generator=g).to(torch.bfloat16)
+        out[f"{head}.self_attn.q_proj.lora_B.weight"] = torch.randn(64, 4, generator=g).to(torch.bfloat16)
+        shared_a, shared_b = torch.randn(4, 64, generator=g), torch.randn(32, 4, generator=g)
+        for expert in range(EXPERTS):
+            out[f"{head}.mlp.experts.{expert}.up_proj.lora_A.weight"] = shared_a
+            out[f"{head}.mlp.experts.{expert}.up_proj.lora_B.weight"] = shared_b
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sender(rank: int, port: int, world: int, receivers: list[int], die_early: bool) -> None:
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "src"))
+    group = new_sync_group("127.0.0.1", port, rank, world, "gloo", timeout_s=30)
+    stage = rank - len(receivers)
+    if die_early:
+        from moe_lora_plugins.sync.transport import BucketHeader, pack_bucket, send_bucket
+
+        manifest, payload = pack_bucket(sync_pieces(adapter(), {stage})[:1])
+        send_bucket(group, receivers, BucketHeader(5, 0, stage, False, 0, int(payload.numel())), manifest, payload)
+        os._exit(0)
+    send_lora_adapter(adapter(), group, receivers, sender=stage, version=5, layers={stage}, config=CONFIG,
+                      bucket_bytes=700)
+
+
+def _receiver(rank: int, port: int, world: int, senders: list[int], results: dict) -> None:
+    group = new_sync_group("127.0.0.1", port, rank, world, "gloo", timeout_s=30)
+    received = receive_adapter(group, senders, version=5)
+    results[rank] = (received.tensors, received.wire_bytes, received.buckets, received.config)
+
+
+@pytest.mark.parametrize("receivers", [1, 2], ids=["one-engine-worker", "two-engine-workers"])
+def test_two_pipeline_stage_senders_deliver_the_adapter_to_every_receiver_with_the_true_bytes(receivers):
+    ctx = mp.get_context("spawn")
+    port, world = free_port(), receivers + 2
+    receiver_ranks = list(range(receivers))
+    senders = [ctx.Process(target=_sender, args=(r, port, world, receiver_ranks, False)) for r in (receivers, receivers + 1)]
+    for process in senders:
+        process.start()
+    manager = ctx.Manager()
+    results = manager.dict()
+    others = [ctx.Process(target=_receiver, args=(r, port, world, [receivers, receivers + 1], results))
+              for r in receiver_ranks[1:]]
+    for process in others:
+        process.start()
+    _receiver(0, port, world, [receivers, receivers + 1], results)
+    for process in senders + others:
+        process.join(timeout=60)
+        assert process.exitcode == 0
+    expected = adapter()
+    distinct = {id(t): t for t in expected.values()}
+    true_bytes = sum(t.numel() * t.element_size() for t in distinct.values())
+    for rank in receiver_ranks:
+        tensors, wire_bytes, buckets, config = results[rank]
+        assert tensors.keys() == expected.keys()
+        assert all(torch.equal(tensors[k], expected[k]) and tensors[k].dtype == expected[k].dtype for k in expected)
+        assert wire_bytes == true_bytes < sum(t.numel() * t.element_size() for t in expected.values())
+        assert buckets >= 3 and config == CONFIG
+
+
+def test_a_sender_that_dies_before_its_end_marker_gives_an_incomplete_sync():
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    sender = ctx.Process(target=_sender, args=(1, port, 2, [0], True))
+    sender.start()
+    group = new_sync_group("127.0.0.1", port, 0, 2, "gloo", timeout_s=20)
+    with pytest.raises(IncompleteSyncError, match=r"stopped before the end marker .*\(sender 0: 1 bucket\(s\)\)"):
+        receive_adapter(group, [1], version=5)
+    sender.join(timeout=30)
+
+
+def test_export_streams_of_two_and_three_tuples_give_peft_names():
+    a, b = torch.ones(1), torch.zeros(1)
+    stream = [("m.layers.0.q_proj.lora_A.default.weight", a, "decoder.layers.0.x"), ("m.layers.0.q_proj.lora_B.weight", b)]
+    assert tensors_from_export(stream) == {"m.layers.0.q_proj.lora_A.weight": a, "m.layers.0.q_proj.lora_B.weight": b}
