@@ -20,19 +20,30 @@ pytestmark = pytest.mark.slow
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    workdir = tmp_path_factory.mktemp("demo")
+SMALLEST = ("--steps", "2", "--samples", "8")
+
+
+def run_demo(workdir: Path, *flags: str) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run(
-        [sys.executable, "-m", "moe_lora_plugins.cli", "demo", "--steps", "2", "--samples", "8",
-         "--workdir", str(workdir), "--json"],
+        [sys.executable, "-m", "moe_lora_plugins.cli", "demo", *SMALLEST, *flags, "--workdir", str(workdir),
+         "--json"],
         capture_output=True, text=True, env=env, timeout=900,
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     assert proc.returncode == 0, f"demo exited {proc.returncode}\nstderr:\n{proc.stderr[-6000:]}"
     assert len(lines) == 1, f"--json must print exactly one JSON line on stdout, got:\n{proc.stdout[-3000:]}"
-    return {"summary": json.loads(lines[0]), "stderr": proc.stderr}
+    return {"summary": json.loads(lines[0]), "stderr": proc.stderr, "workdir": workdir}
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return run_demo(tmp_path_factory.mktemp("demo"))
+
+
+@pytest.fixture(scope="module")
+def world_size_1(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return run_demo(tmp_path_factory.mktemp("demo-world1"), "--ep", "1", "--pp", "1")
 
 
 def test_every_check_of_the_summary_passes(demo):
@@ -79,3 +90,20 @@ def test_per_step_lines_show_reward_logprob_diff_sync_and_audit(demo):
     assert "train_rollout_logprob_abs_diff" in text
     assert "sync v1:" in text and "sync v2:" in text
     assert "audit passed" in text
+
+
+def test_ep2_pp2_trains_like_world_size_1(demo, world_size_1):
+    """The reference: the same run in one trainer process. Same rollouts, same losses up to float32
+    reduction order, and the last synced adapters agree."""
+    from safetensors.torch import load_file
+
+    parallel, single = demo["summary"]["steps"], world_size_1["summary"]["steps"]
+    assert [s["reward"] for s in parallel] == [s["reward"] for s in single]
+    assert [s["loss"] for s in parallel] == pytest.approx([s["loss"] for s in single], abs=1e-5)
+    a = load_file(str(demo["workdir"] / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(world_size_1["workdir"] / "adapter" / "adapter_model.safetensors"))
+    assert sorted(a) == sorted(b)
+    worst = max((a[n] - b[n]).abs().max().item() for n in a)
+    moved = max(a[n].abs().max().item() for n in a if ".lora_B." in n)
+    assert moved > 1e-2, "the adapter barely trained: the comparison would prove nothing"
+    assert worst < 1e-5, f"EP=2 x PP=2 and world size 1 adapters differ by {worst:.2e}"

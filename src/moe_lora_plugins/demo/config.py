@@ -107,6 +107,12 @@ def layout_problems(config: DemoConfig) -> list[str]:
             f"--samples {config.samples} does not split over the {config.ep} data-parallel replicas (one per "
             f"expert-parallel rank); choose a multiple of {config.ep}"
         )
+    elif config.vpp and (config.samples // config.ep) % config.pp:
+        problems.append(
+            f"--vpp {config.vpp}: the interleaved schedule runs {config.pp} microbatches (one per pipeline stage), "
+            f"but each data-parallel replica gets {config.samples // config.ep} samples; choose --samples as a "
+            f"multiple of {config.ep * config.pp}"
+        )
     if config.steps < 1:
         problems.append(f"--steps {config.steps}: run at least one step")
     if config.lora_rank < 1 or config.lora_rank > VLLM_LORA_RANKS[-1]:

@@ -44,8 +44,9 @@ class Probe:
         """Largest |logprob difference| over the positions where both runs chose the same tokens so far
         (the first position always counts: same prompt, so any change of the adapter shows there)."""
         change = 0.0
-        for new_tokens, old_tokens, new, old in zip(self.tokens, before.tokens, self.logprobs, before.logprobs):
-            for t_new, t_old, a, b in zip(new_tokens, old_tokens, new, old):
+        for new_tokens, old_tokens, new, old in zip(self.tokens, before.tokens, self.logprobs, before.logprobs,
+                                                    strict=True):
+            for t_new, t_old, a, b in zip(new_tokens, old_tokens, new, old, strict=True):
                 change = max(change, abs(a - b))
                 if t_new != t_old:
                     break
@@ -107,7 +108,7 @@ class RolloutEngine:
             for sample in output.outputs:
                 tokens = list(sample.token_ids)
                 completions.append(tokens)
-                logprobs.append([step[t].logprob for step, t in zip(sample.logprobs, tokens)])
+                logprobs.append([step[t].logprob for step, t in zip(sample.logprobs, tokens, strict=True)])
         return Rollouts(prompts, group_size, completions, logprobs, time.perf_counter() - start)
 
     def probe(self, prompts: list[list[int]], max_tokens: int, lora_request: Any = None) -> Probe:
@@ -123,7 +124,8 @@ class RolloutEngine:
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params,
                                     lora_request=lora_request or self.policy(), use_tqdm=False)
         tokens = [list(o.outputs[0].token_ids) for o in outputs]
-        logprobs = [[step[t].logprob for step, t in zip(o.outputs[0].logprobs, seq)] for o, seq in zip(outputs, tokens)]
+        logprobs = [[step[t].logprob for step, t in zip(o.outputs[0].logprobs, seq, strict=True)]
+                    for o, seq in zip(outputs, tokens, strict=True)]
         return Probe(tokens, logprobs)
 
     def probe_from_disk(self, prompts: list[list[int]], max_tokens: int, tensors: dict[str, Any],

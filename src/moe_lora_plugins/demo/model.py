@@ -70,11 +70,12 @@ def _write_tokenizer(spec: TinyMoeSpec, path: Path) -> None:
     fast.save_pretrained(str(path))
 
 
-def make_tiny_moe(path: str | Path, spec: TinyMoeSpec = TinyMoeSpec(), seed: int = 0) -> Path:
+def make_tiny_moe(path: str | Path, spec: TinyMoeSpec | None = None, seed: int = 0) -> Path:
     """Write a randomly initialised Qwen3-MoE checkpoint (safetensors, float32) and its tokenizer to ``path``."""
     import torch
     from transformers import Qwen3MoeForCausalLM
 
+    spec = spec or TinyMoeSpec()
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)

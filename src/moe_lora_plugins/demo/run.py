@@ -162,9 +162,10 @@ class Demo:
         prompts = self.task.prompts(c.prompts_per_step, seed=c.seed * 1000 + step)
         rollouts = self.engine.rollouts(prompts, c.group_size, c.task_length, seed=c.seed * 1000 + step)
         group_prompts = [p for p in prompts for _ in range(c.group_size)]
-        rewards = [self.task.reward(p, done) for p, done in zip(group_prompts, rollouts.completions)]
+        rewards = [self.task.reward(p, done) for p, done in zip(group_prompts, rollouts.completions, strict=True)]
         advantages = group_advantages(rewards, c.group_size)
-        tokens = torch.tensor([p + done for p, done in zip(group_prompts, rollouts.completions)], dtype=torch.int64)
+        tokens = torch.tensor([p + done for p, done in zip(group_prompts, rollouts.completions, strict=True)],
+                              dtype=torch.int64)
         batch = RolloutBatch(tokens, self.task.prompt_len, torch.tensor(advantages, dtype=torch.float32),
                              torch.tensor(rollouts.logprobs, dtype=torch.float32))
         start = time.perf_counter()
@@ -201,7 +202,7 @@ class Demo:
         start = time.perf_counter()
         scores = self.engine.probe(self.probe, length)
         from_disk = self.engine.probe_from_disk(self.probe, length, rank0.adapter, rank0.config,
-                                                str(self.workdir / "adapter-check"))
+                                                str(self.workdir / "adapter"))
         probe_seconds = time.perf_counter() - start
         change = scores.change_from(self.probe_scores) if self.probe_scores is not None else 0.0
         changed = self.adapter is None or any(not torch.equal(t, self.adapter[n]) for n, t in rank0.adapter.items())

@@ -44,7 +44,7 @@ class CopyTask:
     def reward(self, prompt: list[int], completion: list[int]) -> float:
         """0.8 x the fraction of positions that repeat the prompt's symbol + 0.2 x the fraction of symbols."""
         target = self.target(prompt)
-        copied = sum(int(a == b) for a, b in zip(completion, target)) / len(target)
+        copied = sum(int(a == b) for a, b in zip(completion, target, strict=False)) / len(target)
         symbols = sum(int(self.is_symbol(t)) for t in completion[: len(target)]) / len(target)
         return 0.8 * copied + 0.2 * symbols
 
