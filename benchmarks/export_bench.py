@@ -6,7 +6,8 @@ each layout (world size 1, then EP=2 on two GPUs with NCCL) each rank builds the
 from global names (on the GPU), measures the NCCL broadcast bandwidth, and then, for upstream and
 for the patched export (audit on, and audit off), for plain / merged / adapter exports: one pass
 that fingerprints every emitted tensor (bitwise, for the correctness check against world size 1),
-then timed passes that only count bytes (wall time, GB/s, peak extra GPU memory).
+then timed passes that only count bytes (wall time, GB/s, peak extra GPU memory), interleaving
+upstream / patched / patched-without-audit round by round (``deactivate()`` reverts the patches).
 
     python benchmarks/export_bench.py --out results.json [--iters 3] [--layouts world1,ep2]
 """
@@ -79,30 +80,32 @@ def _fingerprints(built: Any, kind: str) -> dict[str, list]:
     return out
 
 
-def _timed(built: Any, kind: str, iters: int) -> dict[str, float]:
+def _timed_once(built: Any, kind: str) -> tuple[float, int, int, int]:
     import torch
 
-    times, peaks, nbytes, count = [], [], 0, 0
-    for _ in range(iters):
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        nbytes, count = 0, 0
-        for item in _stream(built, kind):
-            nbytes += item[1].numel() * item[1].element_size()
-            count += 1
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-        peaks.append(torch.cuda.max_memory_allocated() - base)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    nbytes, count = 0, 0
+    for item in _stream(built, kind):
+        nbytes += item[1].numel() * item[1].element_size()
+        count += 1
+    torch.cuda.synchronize()
+    return time.perf_counter() - start, nbytes, count, torch.cuda.max_memory_allocated() - base
+
+
+def _summary(samples: list[tuple[float, int, int, int]]) -> dict[str, float]:
+    times = [s[0] for s in samples]
     best = min(times)
+    nbytes, count = samples[-1][1], samples[-1][2]
     return {
         "seconds_min": best,
         "seconds_median": statistics.median(times),
         "gb": nbytes / 1e9,
         "gb_per_s": nbytes / 1e9 / best,
         "tensors": count,
-        "peak_extra_gib": max(peaks) / 2**30,
+        "peak_extra_gib": max(s[3] for s in samples) / 2**30,
     }
 
 
@@ -143,14 +146,27 @@ def bench_rank(layout: ParallelLayout, iters: int) -> dict[str, Any]:
         "timings": {},
         "fingerprints": {},
     }
-    for phase in ("upstream", "patched", "patched-noaudit"):
-        if phase == "patched":
+    phases = ("upstream", "patched", "patched-noaudit")
+
+    def enter(phase: str) -> None:
+        if phase == "upstream":
+            moe_lora_plugins.deactivate()
+        else:
             moe_lora_plugins.activate(role="trainer")
         os.environ["MOELORA_EXPORT_AUDIT"] = "off" if phase == "patched-noaudit" else "on"
+
+    for phase in ("upstream", "patched"):
+        enter(phase)
         for kind in KINDS:
-            if phase != "patched-noaudit":
-                result["fingerprints"][f"{phase}/{kind}"] = _fingerprints(built, kind)
-            result["timings"][f"{phase}/{kind}"] = _timed(built, kind, iters)
+            result["fingerprints"][f"{phase}/{kind}"] = _fingerprints(built, kind)
+    # Interleaved rounds, so drift in clocks or caches favours no phase.
+    samples: dict[str, list] = {f"{phase}/{kind}": [] for phase in phases for kind in KINDS}
+    for _ in range(iters):
+        for kind in KINDS:
+            for phase in phases:
+                enter(phase)
+                samples[f"{phase}/{kind}"].append(_timed_once(built, kind))
+    result["timings"] = {key: _summary(value) for key, value in samples.items()}
     return result
 
 

@@ -3,6 +3,7 @@ the expert-parallel gather of a buffered stream, and the audit switch."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import weakref
@@ -64,14 +65,22 @@ def ep_group(models: Any) -> Any:
         return None
 
 
-def expert_tp_size(models: Any = None) -> int:
-    pg = pg_collection(models) if models is not None else None
-    group = getattr(pg, "expt_tp", None) if pg is not None else None
-    if group is not None:
-        return group.size()
-    from megatron.core import parallel_state
+_ep_by_model: weakref.WeakKeyDictionary[Any, tuple[Any, int]] = weakref.WeakKeyDictionary()
 
-    return parallel_state.get_expert_tensor_parallel_world_size()
+
+def ep_group_and_size(models: Any) -> tuple[Any, int]:
+    """``(EP group, EP size)`` of a model, looked up once per model (its layout never changes)."""
+    first = model_list(models)[0]
+    try:
+        found = _ep_by_model.get(first)
+    except TypeError:
+        found = None
+    if found is None:
+        group = ep_group(models)
+        found = (group, group_size_rank(group)[0])
+        with contextlib.suppress(TypeError):  # not weak-referenceable: look it up next time again
+            _ep_by_model[first] = found
+    return found
 
 
 def group_size_rank(group: Any) -> tuple[int, int]:

@@ -33,7 +33,8 @@ SPECS = (
         upstream="Megatron-Bridge 0.6.2 peft_bridge.MegatronPeftBridge.stream_adapter_weights_megatron_to_hf",
         remove_when="Megatron-Bridge gathers SequentialMLP expert adapters across EP ranks",
         verified="megatron-bridge 0.6.2: CPU gloo EP=2/4, PP=2xEP=2, PP=2xVPP=2, ETP=2; 2xH200 NCCL bf16. "
-        "0.4.x not verified.",
+        "0.4.0 (read, not run): the method lacks exclude_adapter_base_prefixes (fingerprint differs); "
+        "out of range.",
     ),
 )
 

@@ -29,7 +29,9 @@ SPECS = (
         upstream="Megatron-Bridge 0.6.2 peft_bridge.MegatronPeftBridge._split_fused_fc1_linear_out_weight",
         remove_when="Megatron-Bridge splits expert fc1 LoRA B per expert-TP shard",
         verified="megatron-bridge 0.6.2: CPU gloo ETP=2 (SequentialMLP, local spec) bitwise equal to world "
-        "size 1. 0.4.x not verified.",
+        "size 1. "
+        "0.4.0 (read, not run): uses the expert-TP size there already (the bug is a 0.6 regression); "
+        "out of range.",
     ),
 )
 

@@ -11,6 +11,7 @@ math is :func:`moe_lora_plugins.topology.globalize_megatron_name`.
 from __future__ import annotations
 
 import re
+import weakref
 from typing import Any
 
 from moe_lora_plugins.registry import PatchSpec
@@ -39,13 +40,32 @@ SPECS = (
         aliases=(),
         roles=None,
         verified="megatron-bridge 0.6.2: CPU gloo EP=2/4, PP=2xEP=2, PP=2xVPP=2, ETP=2; 2xH200 NCCL bf16. "
-        "0.4.x not verified (Python 3.12 env here has 0.6.2 only); range excludes it.",
+        "0.4.0 (read, not run): same signature, but renumbers only grouped weight{e} under EP and never "
+        "local_experts.{e}; left out of the range until run there.",
     ),
 )
 
 
+# Per model (weakly held first chunk): {(chunk count, vp_stage, local name): global name}. A live
+# model's layout never changes, and the bridge asks for every name again on every export.
+_cache: weakref.WeakKeyDictionary[Any, dict[tuple[int, int | None, str], str]] = weakref.WeakKeyDictionary()
+
+
 def local_name_to_global(models: Any, config: Any, param_name: str, vp_stage: int | None = None) -> str:
-    """World-size-1 name of ``param_name`` (local to this rank and VPP stage ``vp_stage``)."""
+    """World-size-1 name of ``param_name`` (local to this rank and VPP stage ``vp_stage``), cached per model."""
+    chunks = models if isinstance(models, list) else [models]
+    try:
+        per_model = _cache.setdefault(chunks[0], {})
+    except TypeError:  # not weak-referenceable: compute every time
+        return _local_name_to_global(models, config, param_name, vp_stage)
+    key = (len(chunks), vp_stage, param_name)
+    name = per_model.get(key)
+    if name is None:
+        name = per_model[key] = _local_name_to_global(models, config, param_name, vp_stage)
+    return name
+
+
+def _local_name_to_global(models: Any, config: Any, param_name: str, vp_stage: int | None) -> str:
     from megatron.bridge.models.conversion import model_bridge
     from megatron.bridge.models.conversion.utils import get_module_and_param_from_name
     from megatron.core.transformer.module import MegatronModule
