@@ -1,6 +1,6 @@
 """PatchSpec, the data that declares a patch, and the registry that applies, reverts and reports them.
 
-A patch never imports its target. ``PatchRegistry.apply`` registers a wrapt post-import hook, so the
+A patch never imports its target. ``PatchRegistry.apply`` registers a post-import hook, so the
 patch lands when (and only when) the host imports the target module, in whichever process that is.
 What was applied, the original objects and every status live here, not as marker attributes on the
 patched objects, so revert is exact and ``doctor`` can tell the truth about each process.
@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from moe_lora_plugins._import_hooks import register_post_import_hook
 from moe_lora_plugins.errors import (
     IncompatibleVersionError,
     MissingSymbolError,
@@ -268,8 +269,6 @@ class PatchRegistry:
 
     def apply(self, patch_id: str) -> PatchStatus:
         """Arrange for the patch to land when its target is imported (at once if it already is)."""
-        import wrapt
-
         with self._lock:
             record = self._record(patch_id)
             if record.status in (PatchStatus.APPLIED, PatchStatus.PENDING):
@@ -280,7 +279,7 @@ class PatchRegistry:
                 self._on_target_import(record, sys.modules[target])
             elif target not in record.hooks_registered:
                 record.hooks_registered.add(target)
-                wrapt.register_post_import_hook(lambda module, r=record: self._on_target_import(r, module), target)
+                register_post_import_hook(lambda module, r=record: self._on_target_import(r, module), target)
             return record.status
 
     def disable(self, patch_id: str, reason: str) -> None:
@@ -356,8 +355,6 @@ class PatchRegistry:
         Declared aliases get a post-import hook of their own; every module already imported under the
         target's top-level package is swept for the same object (the SGLang hook-registry habit).
         """
-        import wrapt
-
         spec = record.spec
         if isinstance(record.owner, type):
             return  # methods are looked up through the class; no module holds a copy worth rebinding
@@ -378,7 +375,7 @@ class PatchRegistry:
                 self._on_alias_import(record, sys.modules[module_name], attr)
             elif alias not in record.hooks_registered:
                 record.hooks_registered.add(alias)
-                wrapt.register_post_import_hook(
+                register_post_import_hook(
                     lambda module, r=record, a=attr: self._on_alias_import(r, module, a), module_name
                 )
 

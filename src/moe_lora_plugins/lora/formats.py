@@ -4,6 +4,10 @@ Formats (names are PEFT names, ``base_model.model.<module>.lora_{A,B}.weight``):
 
 - ``peft``: a PEFT directory, ``adapter_model.safetensors`` + ``adapter_config.json``; experts one
   module each (``mlp.experts.{e}.gate_proj``), the layout PEFT, vLLM and SGLang all read from disk.
+  With transformers v5 (3-D expert parameters) ``peft`` >= 0.21 fuses the per-expert LoRA into
+  ``target_parameters`` LoRA on load. Known upstream limit (peft 0.21.2): for MoE models that also
+  have dense or shared-expert ``gate_proj``/``up_proj`` (GLM-4.5, DeepSeek-V3) that conversion moves
+  those targets to the experts, so HF+PEFT ignores their LoRA; vLLM and SGLang load them.
 - ``vllm_2d``: the same names and 2-D tensors, in memory (Qwen3-MoE, GLM-4.5, DeepSeek-V3 in vLLM).
 - ``vllm_3d``: experts fused per layer as PEFT's ``target_parameters`` store them (Qwen3.5,
   Qwen3-VL-MoE, GPT-OSS in vLLM): ``mlp.experts.base_layer.lora_A`` ``(E*r, hidden)`` and

@@ -7,7 +7,9 @@ range, so the core lane can check every spec without the real host package; with
 installed package is the target (the host lanes do that).
 
 Cases: ``import_then_apply``, ``apply_then_import``, ``apply_twice``, ``apply_revert_apply``,
-``revert_without_apply``, ``out_of_range``, ``missing_symbol``, ``drift``, ``stale_copy``.
+``revert_without_apply``, ``out_of_range``, ``missing_symbol``, ``drift``, ``stale_copy``; and
+``real_lifecycle`` (apply before import, import, revert, apply again, all in one process), which
+the host lanes run once per spec because importing a real host package takes seconds.
 """
 
 from __future__ import annotations
@@ -124,6 +126,7 @@ def shadow_version_site(root: Path, spec: PatchSpec) -> Path:
 _CHILD = r'''
 import importlib, json, sys
 spec_id, case, strict = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+exec(sys.argv[5])  # the prelude, e.g. hiding Transformer Engine for megatron.bridge
 from moe_lora_plugins.activation import activate, get_registry
 from moe_lora_plugins.hooks.manager import get_plugin_manager
 from moe_lora_plugins.registry import _raw_attribute, _resolve_owner
@@ -209,6 +212,19 @@ try:
             out["untouched"] = current() is before
         except AttributeError:
             out["untouched"] = before is None
+    elif case == "real_lifecycle":
+        activate(environ=env)
+        out["status_before_import"] = registry.status(spec_id).value
+        imp()
+        out["status"] = registry.status(spec_id).value
+        out["detail"] = registry.detail(spec_id)
+        if out["status"] == "applied":
+            original = registry.original(spec_id)
+            out["replaced"] = current() is not original
+            registry.revert(spec_id)
+            out["restored"] = current() is original
+            registry.apply(spec_id)
+            out["reapplied"] = registry.status(spec_id).value
     elif case == "stale_copy":
         imp(); original = current()
         module = importlib.import_module(spec.target)
@@ -239,6 +255,7 @@ def run_case(
     real: bool = False,
     strict: bool = False,
     timeout: float = 300,
+    prelude: str = "",
 ) -> dict[str, Any]:
     """Run one contract case for one spec in a fresh interpreter; return the observed facts."""
     env = dict(os.environ)
@@ -248,7 +265,7 @@ def run_case(
     if site is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(site), *filter(None, [env.get("PYTHONPATH")])])
     proc = subprocess.run(
-        [sys.executable, "-c", _CHILD, spec_id, case, "1" if strict else "0", "real" if real else "standin"],
+        [sys.executable, "-c", _CHILD, spec_id, case, "1" if strict else "0", "real" if real else "standin", prelude],
         capture_output=True,
         text=True,
         env=env,
