@@ -73,12 +73,12 @@ def greedy(llm: Any, lora_request: Any = None, prompts: list[list[int]] = PROMPT
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, lora_request=lora_request,
                            use_tqdm=False)
     tokens = [list(o.outputs[0].token_ids) for o in outputs]
-    logprobs = [[step[t].logprob for step, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)] for o in outputs]
+    logprobs = [[step[t].logprob for step, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids, strict=True)] for o in outputs]
     return Generation(tokens, logprobs)
 
 
 def max_abs_diff(a: list[list[float]], b: list[list[float]]) -> float:
-    return max(abs(x - y) for row_a, row_b in zip(a, b) for x, y in zip(row_a, row_b))
+    return max(abs(x - y) for row_a, row_b in zip(a, b, strict=True) for x, y in zip(row_a, row_b, strict=True))
 
 
 def free_port() -> int:

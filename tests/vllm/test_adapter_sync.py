@@ -8,8 +8,8 @@ through vLLM's own loader: the logprobs must be bitwise equal.
 from __future__ import annotations
 
 import pytest
-from conftest import greedy, sync_adapter
-from tiny_models import adapter_config, make_adapter, save_peft_dir
+from conftest import PROMPTS, greedy, max_abs_diff, sync_adapter
+from tiny_models import adapter_config, make_adapter, peft_reference_logprobs, save_peft_dir
 
 pytestmark = pytest.mark.vllm
 
@@ -171,3 +171,39 @@ def test_base_requests_mixed_with_lora_requests_get_no_adapter_when_every_slot_i
     engine.collective_rpc("remove_lora", args=(2,))
     engine.collective_rpc("remove_lora", args=(3,))
     assert unpatched.logprobs[1] != base_alone.logprobs[1]  # vLLM 0.32's bug, which the patch removes
+
+
+def test_plugins_hear_of_every_activated_adapter_and_never_of_a_refused_one(engine, served, tmp_path):
+    from moe_lora_plugins.hooks import hookimpl
+    from moe_lora_plugins.hooks.manager import get_plugin_manager
+    from moe_lora_plugins.sync.disk import write_peft_dir
+
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        @hookimpl
+        def on_adapter_activated(self, adapter_name, adapter_id, version, nbytes):
+            self.calls.append((adapter_name, adapter_id, version, nbytes))
+
+    recorder = Recorder()
+    manager = get_plugin_manager()  # in-process engine: the worker shares this process's plugin manager
+    manager.register(recorder, name="test-recorder")
+    try:
+        tensors = make_adapter(False, seed=61)
+        good = write_peft_dir(str(tmp_path / "good"), tensors, adapter_config(False))
+        bad = write_peft_dir(str(tmp_path / "bad"), {k: v.half() for k, v in tensors.items()}, adapter_config(False))
+        engine.collective_rpc("moelora_load_adapter_dir", args=("heard", 5, good, 8))
+        with pytest.raises(Exception, match="has dtype torch.float16"):
+            engine.collective_rpc("moelora_load_adapter_dir", args=("heard", 5, bad, 9))
+    finally:
+        manager.unregister(name="test-recorder")
+        engine.collective_rpc("moelora_remove_adapter", args=("heard",))
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    assert recorder.calls == [("heard", 5, 8, nbytes)]
+
+
+def test_synced_adapter_matches_hugging_face_with_peft(engine, served, dense_model):
+    synced = policy_generation(engine)
+    reference = peft_reference_logprobs(dense_model, served["dir"], PROMPTS, synced.tokens)
+    assert max_abs_diff(synced.logprobs, reference) < 1e-4

@@ -110,3 +110,29 @@ def test_sync_missing_an_expert_is_refused_and_names_it(engine, moe_served, tmp_
     message = str(outcome.error)
     assert f"missing base_model.model.model.{missing}gate_proj.lora_A.weight" in message, message
     assert greedy(engine, lora_request("moe-policy", 1)).logprobs == before.logprobs
+
+
+def test_a_megatron_adapter_converted_and_sent_by_two_trainer_stages_is_served_like_its_peft_dir(engine, tmp_path):
+    """The trainer path end to end: Megatron LoRA (fused qkv, one grouped expert adapter shared by all
+    experts) -> the export's converter -> ``send_lora_adapter`` per pipeline stage -> hot swap."""
+    from tiny_models import make_megatron_moe_adapter, megatron_to_lora_adapter
+    from vllm.lora.request import LoRARequest
+
+    from moe_lora_plugins.integrations.vllm_worker import lora_request
+    from moe_lora_plugins.lora.formats import write_peft_dir
+
+    megatron = make_megatron_moe_adapter()
+    adapter = megatron_to_lora_adapter(megatron, alpha=16)
+    outcome = sync_adapter(engine, tmp_path, "from-megatron", 4, megatron, {}, bucket_bytes=2048,
+                           sender_options={"megatron": {"alpha": 16}})
+    assert outcome.error is None, outcome.error
+    expanded = sum(t.numel() * t.element_size() for t in adapter.tensors.values())
+    print(f"Megatron adapter sync: {outcome.report['buckets']} buckets, wire {outcome.report['wire_bytes']} B = "
+          f"distinct {adapter.nbytes()} B; the PEFT-named adapter is {expanded} B")
+    assert outcome.report["wire_bytes"] == adapter.nbytes() < expanded
+    synced = greedy(engine, lora_request("from-megatron", 4))
+    from_disk = greedy(engine, LoRARequest("megatron-peft-dir", 2, str(write_peft_dir(adapter, tmp_path / "peft"))))
+    engine.collective_rpc("remove_lora", args=(2,))
+    engine.collective_rpc("moelora_remove_adapter", args=("from-megatron",))
+    assert synced.logprobs == from_disk.logprobs
+    assert synced.logprobs != greedy(engine).logprobs

@@ -133,7 +133,7 @@ def reference_logprobs(model: TinyModel, prompts: list[list[int]], completions: 
                 _merge(state, module, delta)
     out = []
     with torch.no_grad():
-        for prompt, completion in zip(prompts, completions):
+        for prompt, completion in zip(prompts, completions, strict=True):
             ids = list(prompt) + list(completion)
             logprobs = torch.log_softmax(hf(torch.tensor([ids])).logits[0].double(), dim=-1)
             out.append([logprobs[t - 1, ids[t]].item() for t in range(len(prompt), len(ids))])
@@ -153,3 +153,48 @@ def _merge(state: dict[str, torch.Tensor], module: str, delta: torch.Tensor) -> 
     else:
         target = state[f"{module}.weight"]
     target += delta.to(target.dtype)
+
+
+def make_megatron_moe_adapter(rank: int = 8, seed: int = 3, scale: float = 0.2) -> dict[str, torch.Tensor]:
+    """Megatron-named LoRA of the tiny Qwen3-MoE: fused qkv / proj per layer and one grouped expert
+    adapter shared by every expert (2-D ``mlp.experts.linear_fc1/2``), as a trainer exports it."""
+    generator = torch.Generator().manual_seed(seed)
+    qkv_out = (HEADS + 2 * KV_HEADS) * HEAD_DIM
+    shapes = {
+        "self_attention.linear_qkv": ((rank, HIDDEN), (qkv_out, rank)),
+        "self_attention.linear_proj": ((rank, HEADS * HEAD_DIM), (HIDDEN, rank)),
+        "mlp.experts.linear_fc1": ((rank, HIDDEN), (2 * MOE_INTERMEDIATE, rank)),
+        "mlp.experts.linear_fc2": ((rank, MOE_INTERMEDIATE), (HIDDEN, rank)),
+    }
+    out = {}
+    for layer in range(LAYERS):
+        for module, (a_shape, b_shape) in shapes.items():
+            head = f"decoder.layers.{layer}.{module}.adapter"
+            out[f"{head}.linear_in.weight"] = torch.randn(*a_shape, generator=generator) * scale
+            out[f"{head}.linear_out.weight"] = torch.randn(*b_shape, generator=generator) * scale
+    return out
+
+
+def megatron_to_lora_adapter(tensors: dict[str, torch.Tensor], alpha: float = 16) -> object:
+    """The export's conversion (``moe_lora_plugins.lora.convert.megatron_to_peft``) for the tiny Qwen3-MoE."""
+    from moe_lora_plugins.lora.convert import megatron_to_peft
+    from moe_lora_plugins.lora.families import ModelDims
+
+    return megatron_to_peft(tensors, "qwen3_moe", ModelDims(HEADS, KV_HEADS, HEAD_DIM, NUM_EXPERTS), alpha=alpha)
+
+
+def peft_reference_logprobs(model: TinyModel, adapter_dir: str, prompts: list[list[int]],
+                            completions: list[list[int]]) -> list[list[float]]:
+    """The same log-probabilities from Hugging Face transformers with the PEFT library's own LoRA layers."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model.path, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(hf, adapter_dir).eval()
+    out = []
+    with torch.no_grad():
+        for prompt, completion in zip(prompts, completions, strict=True):
+            ids = list(prompt) + list(completion)
+            logprobs = torch.log_softmax(peft_model(torch.tensor([ids])).logits[0].double(), dim=-1)
+            out.append([logprobs[t - 1, ids[t]].item() for t in range(len(prompt), len(ids))])
+    return out

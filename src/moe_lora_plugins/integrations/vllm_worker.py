@@ -6,6 +6,18 @@ the class to the worker's bases, so every attribute is prefixed ``moelora_``. Im
 activates the suite (role ``vllm``) in the worker process, which is what brings the tensor-LoRA
 and CPU MoE-LoRA patches there.
 
+One sync, engine side (workers take group ranks 0..W-1, trainer senders W..W+S-1)::
+
+    engine.collective_rpc("moelora_init_sync_group", args=(host, port, 0, W + S))   # once
+    async with paused_generation(engine):
+        engine.collective_rpc("moelora_receive_adapter", args=("policy", 1, [W, ..., W + S - 1], step))
+    # requests name it with lora_request("policy", 1)
+
+and on each trainer sender (one per pipeline stage)::
+
+    group = new_sync_group(host, port, W + stage, W + S)                          # once
+    send_lora_adapter(adapter, group, list(range(W)), sender=stage, version=step, layers=my_layers)
+
 A sync is: receive every sender's buckets (staged on the CPU), validate against the engine's LoRA
 limits and the served model (every layer / expert / projection, shapes, dtype, sync complete),
 then swap in place under a stable LoRA id, pinned. Any failure leaves the adapter being served
@@ -56,12 +68,18 @@ class MoeLoraWorkerExtension:
 
     # -- transport ---------------------------------------------------------------------------
 
-    def moelora_init_sync_group(self, host: str, port: int, rank: int, world_size: int,
-                                backend: str = "gloo", timeout_s: float = 300.0) -> None:
-        """Join the sync group (trainer sender ranks + engine workers); call on every worker."""
+    def moelora_init_sync_group(self, host: str, port: int, first_rank: int, world_size: int,
+                                backend: str = "gloo", timeout_s: float = 300.0) -> int:
+        """Join the sync group (engine workers + trainer sender ranks); call on every worker at once.
+
+        Worker ``i`` of the engine (vLLM's global worker rank) takes group rank ``first_rank + i``;
+        returns it. Senders send to every worker's group rank.
+        """
         from moe_lora_plugins.sync.transport import new_sync_group
 
+        rank = first_rank + int(getattr(self, "rank", 0))
         self.moelora_sync_group = new_sync_group(host, port, rank, world_size, backend, timeout_s)
+        return rank
 
     def moelora_close_sync_group(self) -> None:
         self.moelora_sync_group = None
@@ -69,12 +87,18 @@ class MoeLoraWorkerExtension:
     def moelora_receive_adapter(self, name: str, lora_int_id: int, senders: Sequence[int],
                                 version: int | None = None) -> dict[str, Any]:
         """Receive one sync from ``senders`` (group ranks, in sender order), validate it, swap it in."""
+        from moe_lora_plugins.sync.errors import AdapterSyncError
         from moe_lora_plugins.sync.transport import receive_adapter
 
         if self.moelora_sync_group is None:
             raise RuntimeError("no sync group: call moelora_init_sync_group on every worker first")
         device = "cuda" if type(self.moelora_sync_group).__name__ == "ProcessGroupNCCL" else "cpu"
-        received = receive_adapter(self.moelora_sync_group, list(senders), version=version, device=device)
+        try:
+            received = receive_adapter(self.moelora_sync_group, list(senders), version=version, device=device)
+        except AdapterSyncError as exc:
+            # Messages may still be in flight on this group: it cannot carry another sync.
+            self.moelora_sync_group = None
+            raise type(exc)(f"{exc} The sync group was closed; call moelora_init_sync_group again.") from exc
         if not received.config:
             raise ValueError(
                 f"sync {received.version} carried no adapter config: the trainer must pass config= (r, lora_alpha, "
@@ -174,6 +198,12 @@ class MoeLoraWorkerExtension:
         info = (self.moelora_served or {}).pop(name, None)
         unstage(name)
         return info is not None and self.remove_lora(info["lora_int_id"])
+
+    def moelora_patch_status(self) -> dict[str, str]:
+        """Each moe-lora-plugins patch's status in this worker process (``applied``, ``pending``, ...)."""
+        from moe_lora_plugins.activation import get_registry
+
+        return {row["id"]: row["status"] for row in get_registry().rows()}
 
     def moelora_adapter_status(self) -> dict[str, Any]:
         """What this worker serves: adapter name -> id, sync version, wire bytes, loaded or not."""
