@@ -30,6 +30,27 @@ MODELS = {
 APPROACHES = ("plain", "merge_on_export", "upstream_merge", "backup_merge")
 
 
+def per_tensor_transients(out_features: int = 6144, in_features: int = 2048, rank: int = 16) -> None:
+    """Peak extra memory of merging one bf16 weight: ours vs the upstream formula (four temporaries)."""
+    import torch
+
+    from moe_lora_plugins.merge import merged_weight
+    from moe_lora_plugins.testing.merge_memory import malloc_returns_memory_at_once, peak_during
+
+    malloc_returns_memory_at_once()
+    base = torch.randn(out_features, in_features).to(torch.bfloat16)
+    a = torch.randn(rank, in_features).to(torch.bfloat16)
+    b = torch.randn(out_features, rank).to(torch.bfloat16)
+    kept: list = []
+    ours = peak_during(lambda: kept.append(merged_weight(base, a, b, 2.0)))
+    upstream = peak_during(lambda: kept.append((base.float() + 2.0 * (b.float() @ a.float())).to(base.dtype)))
+    assert torch.equal(kept[0], kept[1])
+    weight_mib = base.numel() * 4 / 2**20
+    print(f"\nOne {out_features}x{in_features} bf16 weight (fp32 size {weight_mib:.0f} MiB), r={rank}: "
+          f"merged_weight peak {ours / 2**20:.1f} MiB, upstream formula peak {upstream / 2**20:.1f} MiB "
+          "(both include the bf16 result; results bitwise equal)")
+
+
 def main(names: list[str]) -> None:
     print("| model | params (MiB fp32) | largest weight (MiB) | plain | merge-on-export | upstream merge | backup (slime) | s |")
     print("|---|---|---|---|---|---|---|---|")
@@ -44,4 +65,7 @@ def main(names: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["tiny", "mid"])
+    args = sys.argv[1:] or ["tiny", "mid", "per-tensor"]
+    main([name for name in args if name != "per-tensor"])
+    if "per-tensor" in args:
+        per_tensor_transients()

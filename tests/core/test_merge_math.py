@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -45,8 +47,9 @@ def test_fp32_merge_matches_the_float64_formula_within_fp32_rounding(out_f, in_f
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_result_is_bitwise_the_megatron_bridge_formula_fp32_merge_then_cast(dtype):
-    base, a, b = _factors(48, 40, 8, dtype, seed=3)
+@pytest.mark.parametrize("shape", [(48, 40), (600, 4096)], ids=["one-block", "several-blocks"])
+def test_result_is_bitwise_the_megatron_bridge_formula_fp32_merge_then_cast(dtype, shape):
+    base, a, b = _factors(*shape, 8, dtype, seed=3)
     scale = 16 / 8
     upstream_formula = (base.float() + scale * (b.float() @ a.float())).to(dtype)
     merged = merged_weight(base, a, b, scale)
@@ -170,3 +173,16 @@ def test_lora_scale_is_alpha_over_rank_and_refuses_rank_zero():
     assert lora_scale(32, 16) == 2.0
     with pytest.raises(MergeShapeError, match="rank=0"):
         lora_scale(32, 0)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self")
+def test_merging_a_bf16_weight_needs_one_float32_copy_plus_the_result_not_four():
+    from moe_lora_plugins.testing.merge_memory import malloc_returns_memory_at_once, peak_during
+
+    malloc_returns_memory_at_once()
+    base, a, b = _factors(3072, 2048, 16, torch.bfloat16, seed=21)
+    fp32_bytes = base.numel() * 4
+    kept = []
+    peak = peak_during(lambda: kept.append(merged_weight(base, a, b, 2.0)))
+    # float32 working buffer + bf16 result + one 4 MiB promotion block; the upstream formula needs ~3x fp32
+    assert peak <= fp32_bytes + fp32_bytes // 2 + 6 * 2**20, peak

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import gc
 from typing import Any
 
+from moe_lora_plugins.testing.merge_memory import malloc_returns_memory_at_once, peak_during
 from moe_lora_plugins.testing.tiny_models import (
     LoraSettings,
     ParallelLayout,
@@ -52,42 +52,6 @@ def merge_on_export_worker(
     return out
 
 
-def _reset_peak_rss() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _malloc_returns_memory_at_once() -> None:
-    """Serve every allocation above 64 KiB by mmap (freed memory leaves the process at once), so
-    resident size follows live tensor bytes instead of what glibc's heap kept."""
-    import ctypes
-
-    libc = ctypes.CDLL("libc.so.6")
-    m_mmap_threshold = -3
-    libc.mallopt(m_mmap_threshold, 64 * 1024)
-
-
-def _peak_during(run: Any) -> int:
-    """Peak resident bytes above the resident size at the start of ``run`` (VmHWM reset first)."""
-    import ctypes
-
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    _reset_peak_rss()
-    start = _rss_kib("VmRSS")
-    run()
-    gc.collect()
-    return (_rss_kib("VmHWM") - start) * 1024
-
-
 def export_memory_worker(hf_config: Any, lora: LoraSettings, approaches: tuple[str, ...]) -> dict[str, Any]:
     """Peak extra resident memory of each export approach on one rank, consuming the stream as an engine would.
 
@@ -99,7 +63,7 @@ def export_memory_worker(hf_config: Any, lora: LoraSettings, approaches: tuple[s
 
     from moe_lora_plugins.merge.bridge_export import stream_merged_hf_weights
 
-    _malloc_returns_memory_at_once()
+    malloc_returns_memory_at_once()
     built = build_lora_model(hf_config, ParallelLayout(), lora)
     fill_from_global_names(built)
     bridge, model = built.bridge, built.model
@@ -131,7 +95,7 @@ def export_memory_worker(hf_config: Any, lora: LoraSettings, approaches: tuple[s
             "backup_merge": backup_merge}
     plain()  # first export builds and caches conversion tasks; measure warm exports only
     merge_on_export()
-    peaks = {name: _peak_during(runs[name]) for name in approaches}
+    peaks = {name: peak_during(runs[name]) for name in approaches}
     param_bytes = sum(p.numel() * p.element_size() for chunk in model for p in chunk.parameters())
     largest = max(p.numel() * 4 for chunk in model for p in chunk.parameters())
     return {"peaks": peaks, "param_bytes": param_bytes, "largest_fp32_bytes": largest}

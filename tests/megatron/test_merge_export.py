@@ -23,12 +23,6 @@ MOE_LORA = LoraSettings(dim=4, alpha=8, share_expert_adapters=False)
 DENSE_LORA = LoraSettings(dim=4, alpha=8)
 
 
-def _export_patches_present() -> bool:
-    from moe_lora_plugins.patches import all_specs
-
-    return any("megatron-bridge" in spec.distributions for spec in all_specs())
-
-
 @pytest.fixture(scope="module")
 def moe_world1():
     [result] = run_distributed(merge_on_export_worker, 1, (tiny_qwen3_moe_config(), ParallelLayout(), MOE_LORA, False, True))
@@ -88,7 +82,7 @@ def test_the_export_leaves_every_parameter_untouched(moe_world1):
 
 
 @pytest.mark.parametrize(
-    "layout", [ParallelLayout(pp=2), ParallelLayout(pp=2, vpp=2)], ids=lambda layout: layout.label
+    "layout", [ParallelLayout(pp=2, vpp=2)], ids=lambda layout: layout.label
 )
 def test_moe_merge_on_export_in_pipeline_layouts_equals_world1(moe_world1, layout):
     results = run_distributed(merge_on_export_worker, layout.world_size, (tiny_qwen3_moe_config(), layout, MOE_LORA))
@@ -105,8 +99,9 @@ def test_without_the_export_patches_ep2_is_refused_rather_than_served_unmerged()
         run_distributed(merge_on_export_worker, 2, (tiny_qwen3_moe_config(), layout, MOE_LORA, False))
 
 
-@pytest.mark.skipif(not _export_patches_present(), reason="the Megatron-Bridge export patches (issue 3) are not in this build")
-@pytest.mark.parametrize("layout", [ParallelLayout(ep=2), ParallelLayout(pp=2, ep=2)], ids=lambda layout: layout.label)
+@pytest.mark.parametrize(
+    "layout", [ParallelLayout(ep=2), ParallelLayout(pp=2, ep=2), ParallelLayout(etp=2)], ids=lambda layout: layout.label
+)
 def test_with_the_export_patches_expert_parallel_merge_on_export_equals_world1(moe_world1, layout):
     results = run_distributed(merge_on_export_worker, layout.world_size, (tiny_qwen3_moe_config(), layout, MOE_LORA, True))
     for rank, result in enumerate(results):

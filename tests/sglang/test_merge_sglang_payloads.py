@@ -138,3 +138,20 @@ def test_init_group_kwargs_bind_to_engine_init_weights_update_group_and_its_requ
 def test_the_signature_reader_rejects_what_sglang_would_reject():
     with pytest.raises(TypeError):
         _engine_method("update_weights_from_tensor").bind(object(), tensors=[])
+
+
+def test_the_pause_bracket_defaults_name_sglangs_pause_and_continue_endpoints():
+    from moe_lora_plugins.engines.payloads import paused_generation
+
+    defaults = inspect.signature(paused_generation.__wrapped__).parameters
+    tree = ast.parse((SRT / "entrypoints" / "http_server.py").read_text())
+    routes = {
+        decorator.args[0].value
+        for node in tree.body
+        if isinstance(node, ast.AsyncFunctionDef)
+        for decorator in node.decorator_list
+        if isinstance(decorator, ast.Call) and getattr(decorator.func, "attr", "") == "post"
+        and decorator.args and isinstance(decorator.args[0], ast.Constant)
+    }
+    assert f"/{defaults['pause'].default}" in routes
+    assert f"/{defaults['resume'].default}" in routes

@@ -197,9 +197,11 @@ def sglang_init_group_kwargs(
 def paused_generation(engine: Any, pause: str = "pause_generation", resume: str = "continue_generation") -> Iterator[Any]:
     """Pause the engine's generation for a weight sync and always resume it, also when the sync fails.
 
-    ``pause`` / ``resume`` name the engine's methods (SGLang: ``pause_generation`` /
-    ``continue_generation``; vLLM's AsyncLLM: ``pause_generation`` / ``resume_generation``). A failing
-    resume after a failing sync is logged and the sync's error is the one raised.
+    ``pause`` / ``resume`` name the engine's methods. The defaults are SGLang's names: sglang 0.5.23 serves
+    them as the HTTP endpoints ``/pause_generation`` and ``/continue_generation`` (its ``Engine`` class has
+    no such methods), so pass a client whose methods POST there. vLLM's AsyncLLM uses
+    ``pause_generation`` / ``resume_generation``. A failing resume after a failing sync is logged and the
+    sync's error is the one raised.
     """
     getattr(engine, pause)()
     try:

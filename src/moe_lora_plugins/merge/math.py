@@ -73,8 +73,9 @@ def merged_weight(
 
     ``out_dtype`` defaults to ``base.dtype``. Inputs are never modified and the result carries no
     autograd history (it is a weight to ship, not part of the training graph). The product lands in one
-    float32 buffer that is scaled and accumulated in place; for a float32 ``out_dtype`` that buffer
-    is the result, otherwise it is cast once and freed.
+    float32 buffer that is scaled and accumulated in place (the base promoted block by block); for a
+    float32 ``out_dtype`` that buffer is the result, otherwise it is cast once and freed. Peak extra
+    memory: one float32 copy of the weight plus the result.
     """
     _check_shapes(name, base, lora_a, lora_b)
     out_dtype = base.dtype if out_dtype is None else out_dtype
@@ -86,10 +87,28 @@ def merged_weight(
         for expert in range(base.shape[0]):
             _product_into(work[expert], expert_factor(lora_b, expert), expert_factor(lora_a, expert))
     work.mul_(scale)
-    work.add_(base)  # the float32 promotion of base is exact; IEEE addition is commutative
+    _add_in_blocks(work, base)
     if out_dtype == torch.float32:
         return work
     return work.to(out_dtype)
+
+
+ADD_BLOCK_ELEMENTS = 1 << 20
+
+
+def _add_in_blocks(work: torch.Tensor, base: torch.Tensor) -> None:
+    """``work += base`` (float32). A narrower ``base`` is promoted block by block, so the promotion's
+    temporary is at most 4 MiB instead of a float32 copy of the whole weight. The promotion is exact
+    and IEEE addition is commutative, so this is bitwise ``base.float() + work``."""
+    if base.dtype == torch.float32:
+        work.add_(base)
+        return
+    columns = base.shape[-1]
+    rows = max(1, ADD_BLOCK_ELEMENTS // max(columns, 1))
+    flat_work = work.view(-1, columns)
+    flat_base = base.reshape(-1, columns)
+    for start in range(0, flat_work.shape[0], rows):
+        flat_work[start : start + rows].add_(flat_base[start : start + rows])
 
 
 def _product_into(out: torch.Tensor, lora_b: torch.Tensor, lora_a: torch.Tensor) -> None:
