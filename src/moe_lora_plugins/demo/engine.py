@@ -84,6 +84,10 @@ class RolloutEngine:
         report["seconds"] = time.perf_counter() - start
         return report
 
+    def patch_status(self) -> dict[str, str]:
+        """Each moe-lora-plugins patch's status in the engine's worker."""
+        return self.llm.collective_rpc("moelora_patch_status")[0]
+
     def close_sync_group(self) -> None:
         self.llm.collective_rpc("moelora_close_sync_group")
 

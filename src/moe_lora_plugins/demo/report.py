@@ -63,6 +63,8 @@ class DemoSummary:
     steps: list[StepFigures] = field(default_factory=list)
     final_train_rollout_logprob_abs_diff: float | None = None
     final_reward: float | None = None
+    patches: dict[str, dict[str, str]] = field(default_factory=dict)
+    required_patches: dict[str, list[str]] = field(default_factory=dict)
     startup_seconds: float = 0.0
     wall_seconds: float = 0.0
     workdir: str = ""
@@ -73,6 +75,9 @@ class DemoSummary:
     def checks(self) -> dict[str, bool]:
         syncs = self.syncs()
         return {
+            "suite_patches_applied_in_trainer_and_engine": bool(self.patches) and all(
+                self.patches.get(role, {}).get(patch_id) == "applied"
+                for role, ids in self.required_patches.items() for patch_id in ids),
             "adapter_reached_engine_every_sync": bool(syncs) and all(s.matches_vllm_loader for s in syncs),
             "engine_logprobs_changed_with_every_adapter_change": all(
                 (s.sync.engine_change > 0) == s.sync.adapter_changed for s in self.steps),
@@ -175,6 +180,9 @@ class Reporter:
         if syncs:
             self.line(f"  adapter syncs: {len(syncs)}, {syncs[-1].wire_bytes:,} B each (adapter "
                       f"{syncs[-1].adapter_bytes:,} B), mean {1000 * sum(s.seconds for s in syncs) / len(syncs):.0f} ms")
+        for role, statuses in summary.patches.items():
+            applied = sorted(p for p, st in statuses.items() if st == "applied")
+            self.line(f"  patches applied ({role}, MOELORA_PLUGINS=on): {', '.join(applied) or 'none'}")
         for name, ok in summary.checks().items():
             self.line(f"  [{'ok' if ok else 'FAILED'}] {name.replace('_', ' ')}")
         self.line(f"  wall time {summary.wall_seconds:.1f} s (start-up {summary.startup_seconds:.1f} s); "

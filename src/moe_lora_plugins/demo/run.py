@@ -24,6 +24,8 @@ from moe_lora_plugins.demo.report import DemoSummary, Reporter, StepFigures, Syn
 from moe_lora_plugins.demo.task import CopyTask, group_advantages
 
 SYNC_HOST = "127.0.0.1"
+# Patches the engine must have applied for the sync to work (plus the CPU MoE-LoRA path on the CPU).
+ENGINE_PATCHES = ("vllm.tensor_lora_requests",)
 
 
 @contextlib.contextmanager
@@ -138,6 +140,7 @@ class Demo:
             workdir=str(self.workdir),
         )
         summary.startup_seconds = startup
+        summary.patches, summary.required_patches = self._patch_statuses()
         with r.phase("first sync: the initial adapter (LoRA B = 0) to the engine"):
             summary.initial_sync = self._sync(0)
         r.line("  " + r.sync_line("initial", summary.initial_sync))
@@ -152,6 +155,19 @@ class Demo:
         summary.final_reward, summary.final_train_rollout_logprob_abs_diff = reward, diff
         summary.wall_seconds = time.perf_counter() - start
         return summary
+
+    def _patch_statuses(self) -> tuple[dict[str, dict[str, str]], dict[str, list[str]]]:
+        """The suite's patches per process kind; every trainer rank must report the same."""
+        from moe_lora_plugins.demo.trainer import REQUIRED_TRAINER_PATCHES
+
+        ranks = self.pool.call("patch_status")
+        trainer = {p: (st if all(r.get(p) == st for r in ranks) else "differs-between-ranks")
+                   for p, st in ranks[0].items()}
+        engine = self.engine.patch_status()
+        required = {"trainer": list(REQUIRED_TRAINER_PATCHES), "engine": list(ENGINE_PATCHES)}
+        if _cpu_only():
+            required["engine"].append("vllm.cpu_moe_lora_experts")
+        return {"trainer": trainer, "engine": engine}, required
 
     def _rollout_and_recompute(self, step: int, update: bool) -> tuple[float, float, dict[str, Any]]:
         import torch
@@ -245,3 +261,9 @@ def _engine_version() -> str:
         except PackageNotFoundError:
             continue
     return "vllm (version unknown)"
+
+
+def _cpu_only() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()

@@ -220,6 +220,12 @@ class TrainerRank:
                     param.copy_(_lora_init(name, param.shape, self.settings.seed))
                     self.lora_names[id(param)] = name
 
+    def patch_status(self) -> dict[str, str]:
+        """Each moe-lora-plugins patch's status in this rank (``applied``, ``pending``, ...)."""
+        from moe_lora_plugins.activation import get_registry
+
+        return {row["id"]: row["status"] for row in get_registry().rows()}
+
     # -- the GRPO step ---------------------------------------------------------------------------
 
     def step(self, batch: RolloutBatch, update: bool = True) -> StepResult:
