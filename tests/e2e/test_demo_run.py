@@ -23,13 +23,18 @@ SRC = str(Path(__file__).resolve().parents[2] / "src")
 SMALLEST = ("--steps", "2", "--samples", "8")
 
 
-def run_demo(workdir: Path, *flags: str) -> dict:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run(
+def demo_process(workdir: Path, *flags: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env or {}),
+           "PYTHONPATH": os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")]))}
+    return subprocess.run(
         [sys.executable, "-m", "moe_lora_plugins.cli", "demo", *SMALLEST, *flags, "--workdir", str(workdir),
          "--json"],
         capture_output=True, text=True, env=env, timeout=900,
     )
+
+
+def run_demo(workdir: Path, *flags: str) -> dict:
+    proc = demo_process(workdir, *flags)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     assert proc.returncode == 0, f"demo exited {proc.returncode}\nstderr:\n{proc.stderr[-6000:]}"
     assert len(lines) == 1, f"--json must print exactly one JSON line on stdout, got:\n{proc.stdout[-3000:]}"
@@ -107,3 +112,13 @@ def test_ep2_pp2_trains_like_world_size_1(demo, world_size_1):
     moved = max(a[n].abs().max().item() for n in a if ".lora_B." in n)
     assert moved > 1e-2, "the adapter barely trained: the comparison would prove nothing"
     assert worst < 1e-5, f"EP=2 x PP=2 and world size 1 adapters differ by {worst:.2e}"
+
+
+def test_without_the_export_patches_the_audit_stops_the_demo_and_names_the_missing_experts(tmp_path):
+    """The check can fail: upstream Megatron-Bridge 0.6.2 exports only EP rank-local experts 0..E/EP-1."""
+    off = "megatron_bridge.stream_adapter_weights,megatron_bridge.local_name_to_global"
+    proc = demo_process(tmp_path, "--steps", "1", "--samples", "4", "--group-size", "2",
+                        env={"MOELORA_DISABLED_PATCHES": off})
+    assert proc.returncode == 1, proc.stderr[-4000:]
+    assert "adapter export audit failed: missing experts: model.layers.0.mlp.experts.2." in proc.stderr
+    assert not [line for line in proc.stdout.splitlines() if line.startswith("{")], "no summary for a failed run"

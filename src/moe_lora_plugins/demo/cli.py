@@ -49,8 +49,15 @@ def run_demo_command(args: argparse.Namespace) -> int:
     except DemoConfigError as exc:
         print(f"moe-lora-plugins demo: {exc}", file=sys.stderr)
         return 2
+    from moe_lora_plugins.errors import MoeLoraError
+
     reporter = Reporter(json_mode=args.json)
-    summary = Demo(config, reporter).run()
+    demo = Demo(config, reporter)
+    try:
+        summary = demo.run()
+    except (MoeLoraError, RuntimeError) as exc:
+        print(f"moe-lora-plugins demo failed: {exc}\n(logs: {demo.logs})", file=sys.stderr)
+        return 1
     reporter.summary(summary)
     if args.json:
         print(json.dumps(summary.to_json(), separators=(",", ":")), flush=True)

@@ -211,7 +211,12 @@ class Demo:
         import torch
 
         self.pool.send("export_and_send", version, True)
-        received = self.engine.receive_adapter([s + 1 for s in self.senders], version)
+        try:
+            received = self.engine.receive_adapter([s + 1 for s in self.senders], version)
+        except Exception as engine_error:
+            # A sender that failed (an export audit, say) closes its connection: its own error says why.
+            self.pool.collect("export_and_send")
+            raise engine_error
         results = self.pool.collect("export_and_send")
         rank0 = results[0]
         length = self.config.task_length

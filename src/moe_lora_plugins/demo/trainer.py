@@ -150,8 +150,9 @@ class TrainerRank:
 
         s = self.settings
         prepare_megatron_cpu(cuda_shims=True)
-        # Megatron's rotary embedding and p2p buffers go to ``torch.cuda.current_device()``: the CPU here.
-        torch.cuda.current_device = lambda: "cpu"
+        if not torch.cuda.is_available():
+            # Megatron's rotary embedding and p2p buffers go to ``torch.cuda.current_device()``: the CPU here.
+            torch.cuda.current_device = lambda: "cpu"
         from megatron.bridge import AutoBridge
         from megatron.bridge.models.gpt_provider import local_layer_spec
         from megatron.core import parallel_state, tensor_parallel
@@ -500,7 +501,8 @@ class TrainerPool:
                     raise TrainerError(f"trainer '{command}' did not finish within {self.timeout_s:.0f} s") from None
                 continue
             if kind == "error":
-                raise TrainerError(f"trainer rank {rank} failed during '{command}':\n{payload}")
+                last = payload.strip().splitlines()[-1] if payload.strip() else "no traceback"
+                raise TrainerError(f"trainer rank {rank} failed during '{command}': {last}\n\n{payload}")
             out[rank] = payload
         return [out[r] for r in range(len(self._procs))]
 
@@ -516,11 +518,13 @@ class TrainerPool:
 
 
 def trainer_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment each trainer rank starts with: the suite on, role trainer, export patches required."""
-    env = {k: v for k, v in (base or {}).items()}
+    """The environment each trainer rank starts with: the suite on, role trainer, and the export patches
+    required (except those the user switched off with ``MOELORA_DISABLED_PATCHES``, to see what they fix)."""
+    from moe_lora_plugins.envs import parse_id_list
+
+    env = dict(base or {})
+    disabled = set(parse_id_list(env.get("MOELORA_DISABLED_PATCHES")))
     env.update({"MOELORA_PLUGINS": "on", "MOELORA_ROLE": "trainer",
-                "MOELORA_REQUIRE": ",".join(REQUIRED_TRAINER_PATCHES),
+                "MOELORA_REQUIRE": ",".join(p for p in REQUIRED_TRAINER_PATCHES if p not in disabled),
                 "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
     return env
-
-
