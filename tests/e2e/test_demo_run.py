@@ -74,7 +74,7 @@ def test_engine_logprobs_move_exactly_when_the_trainer_changed_the_adapter(demo)
 
 def test_sync_bytes_are_the_true_adapter_bytes_not_the_per_name_expansion(demo):
     for sync in [demo["summary"]["initial_sync"]] + [s["sync"] for s in demo["summary"]["steps"]]:
-        assert sync["wire_bytes"] == sync["adapter_bytes"] > 0
+        assert sync["sent_bytes"] == sync["wire_bytes"] == sync["adapter_bytes"] > 0
         assert sync["expanded_bytes"] > sync["wire_bytes"], "q/k/v share LoRA A: the per-name form repeats it"
 
 

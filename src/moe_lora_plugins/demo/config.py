@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
 
 from moe_lora_plugins.demo.model import TinyMoeSpec
 from moe_lora_plugins.errors import MoeLoraError
@@ -57,9 +56,6 @@ class DemoConfig:
     @property
     def max_lora_rank(self) -> int:
         return next(r for r in VLLM_LORA_RANKS if r >= self.lora_rank)
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _divisors(n: int) -> list[int]:

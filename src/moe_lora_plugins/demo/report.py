@@ -22,6 +22,7 @@ class SyncFigures:
 
     version: int
     wire_bytes: int
+    sent_bytes: int
     adapter_bytes: int
     expanded_bytes: int
     buckets: int
@@ -38,7 +39,8 @@ class SyncFigures:
 
     @property
     def bytes_equal(self) -> bool:
-        return self.wire_bytes == self.adapter_bytes
+        """What the senders sent, what the engine received and the adapter's true bytes are one number."""
+        return self.wire_bytes == self.sent_bytes == self.adapter_bytes
 
 
 @dataclass
@@ -168,9 +170,12 @@ class Reporter:
                   f"{layout['engine']} with LoRA, in this process")
         if summary.steps:
             first, last = summary.steps[0], summary.steps[-1]
-            self.line(f"  reward: {first.reward:.3f} (step 1) -> {last.reward:.3f} (step {last.step})"
-                      + (f" -> {summary.final_reward:.3f} (final rollout)" if summary.final_reward is not None
-                         else ""))
+            trend = [f"{first.reward:.3f} (step 1)"]
+            if last is not first:
+                trend.append(f"{last.reward:.3f} (step {last.step})")
+            if summary.final_reward is not None:
+                trend.append(f"{summary.final_reward:.3f} (final rollout)")
+            self.line("  reward: " + " -> ".join(trend))
             diffs = [s.train_rollout_logprob_abs_diff for s in summary.steps]
             if summary.final_train_rollout_logprob_abs_diff is not None:
                 diffs.append(summary.final_train_rollout_logprob_abs_diff)

@@ -232,6 +232,7 @@ class Demo:
         return SyncFigures(
             version=version,
             wire_bytes=int(received["wire_bytes"]),
+            sent_bytes=sum(res.sent_bytes for res in results),
             adapter_bytes=rank0.adapter_bytes,
             expanded_bytes=expanded,
             buckets=int(received["buckets"]),
