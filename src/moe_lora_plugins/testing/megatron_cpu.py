@@ -4,8 +4,7 @@ Megatron-Bridge 0.6.x imports ``transformer_engine.pytorch`` unconditionally in
 ``megatron.bridge.peft.lora_layers``. :func:`prepare_megatron_cpu` installs a meta-path finder that
 shows a stand-in ``transformer_engine`` only while that one module executes, then removes it again
 (a stand-in left in ``sys.modules`` would flip every guarded ``HAVE_TE`` to True). It also turns
-Megatron-Bridge's PEFT ``HAVE_TE`` off and, with ``cuda_shims=True``, adds the few ``torch.cuda``
-stand-ins a CPU forward/backward needs. Call it before importing ``megatron.bridge``.
+Megatron-Bridge's PEFT ``HAVE_TE`` off. Call it before importing ``megatron.bridge``.
 """
 
 from __future__ import annotations
@@ -120,11 +119,11 @@ def transformer_engine_installed() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
 
 
-def prepare_megatron_cpu(cuda_shims: bool = False) -> None:
+def prepare_megatron_cpu() -> None:
     """Make ``import megatron.bridge`` work without Transformer Engine (idempotent, per process).
 
-    With ``cuda_shims=True`` also install the ``torch.cuda`` stand-ins a CPU forward/backward through
-    Megatron's pipeline schedule needs (current device, streams, events, RNG state). Export needs none.
+    Enough for building models and exporting them. A CPU forward/backward needs more (``torch.cuda``
+    stand-ins, an explicit attention mask); this module does not provide it yet.
     """
     global _prepared
     with _lock:
@@ -137,65 +136,3 @@ def prepare_megatron_cpu(cuda_shims: bool = False) -> None:
 
         # Megatron-Core fills missing TE classes with MagicMocks, so the check there passes wrongly.
         peft_utils.HAVE_TE = False
-    if cuda_shims:
-        install_cuda_shims()
-
-
-class _NullStream:
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def wait_stream(self, other: Any) -> None:
-        pass
-
-    def wait_event(self, event: Any) -> None:
-        pass
-
-    def record_event(self, event: Any = None) -> Any:
-        return event or _NullEvent()
-
-    def synchronize(self) -> None:
-        pass
-
-    def __enter__(self) -> _NullStream:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-
-class _NullEvent:
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def record(self, stream: Any = None) -> None:
-        pass
-
-    def wait(self, stream: Any = None) -> None:
-        pass
-
-    def synchronize(self) -> None:
-        pass
-
-    def query(self) -> bool:
-        return True
-
-
-def install_cuda_shims() -> None:
-    """Replace the ``torch.cuda`` calls Megatron makes during a CPU forward/backward (CPU only)."""
-    import contextlib
-
-    import torch
-
-    if torch.cuda.is_available():
-        return
-    torch.cuda.current_device = lambda: 0
-    torch.cuda.current_stream = lambda *a, **k: _NullStream()
-    torch.cuda.default_stream = lambda *a, **k: _NullStream()
-    torch.cuda.Stream = _NullStream
-    torch.cuda.Event = _NullEvent
-    torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
-    torch.cuda.synchronize = lambda *a, **k: None
-    torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
-    torch.cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
-    torch.cuda.manual_seed = lambda seed: torch.manual_seed(seed)

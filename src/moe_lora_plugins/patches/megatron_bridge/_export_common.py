@@ -181,3 +181,59 @@ def gather_expert_items(items: list[Any], group: Any) -> list[Any]:
         for (name, tensor), (_, rest) in zip(tensors, metas, strict=True):
             out.append(rebuild_item(template, name, tensor.clone().to(local_device), rest))
     return out
+
+
+# Expert adapters of every EP rank, gathered once per merged export (see prefetch_expert_adapters).
+_prefetched: weakref.WeakKeyDictionary[Any, dict[tuple[int, str], list[Any]]] = weakref.WeakKeyDictionary()
+
+
+def _local_name(name: str) -> str:
+    while name.startswith("module."):
+        name = name[len("module."):]
+    return name
+
+
+def prefetch_expert_adapters(models: Any) -> bool:
+    """Gather every SequentialMLP expert adapter of every EP rank in one ``all_gather``, for the merge.
+
+    Only where the merge's adapters are the plain local parameters: EP > 1, PP = 1 (every task is
+    local, so local names identify them) and expert-TP = 1 (no shards). Returns whether it did; the
+    merge falls back to one small gather per expert otherwise. :func:`drop_prefetched` frees it.
+    """
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from moe_lora_plugins.topology.ep_gather import pack_tensors, tensor_meta, unpack_tensors
+
+    chunks = model_list(models)
+    group, size = ep_group_and_size(models)
+    if size == 1 or parallel_state.get_pipeline_model_parallel_world_size() != 1:
+        return False
+    if parallel_state.get_expert_tensor_parallel_world_size() != 1:
+        return False
+    keys, tensors = [], []
+    for vp_stage, chunk in enumerate(chunks):
+        for name, param in chunk.named_parameters():
+            if ".local_experts." in name and ".adapter." in name:
+                keys.append((vp_stage, _local_name(name)))
+                tensors.append(param.detach())
+    if not tensors:
+        return False
+    flat = pack_tensors(tensors)
+    gathered = torch.empty(size * flat.numel(), dtype=flat.dtype, device=flat.device)
+    dist.all_gather_into_tensor(gathered, flat, group=group)
+    metas = [tensor_meta(str(i), t) for i, t in enumerate(tensors)]
+    per_rank = [unpack_tensors(buffer, metas) for buffer in gathered.chunk(size)]
+    _prefetched[chunks[0]] = {key: [rank[i][1] for rank in per_rank] for i, key in enumerate(keys)}
+    return True
+
+
+def prefetched_expert_adapter(models: Any, vp_stage: int, local_name: str) -> list[Any] | None:
+    """Every EP rank's tensor for this local adapter parameter, if a prefetch holds it."""
+    table = _prefetched.get(model_list(models)[0])
+    return None if table is None else table.get((vp_stage or 0, local_name))
+
+
+def drop_prefetched(models: Any) -> None:
+    _prefetched.pop(model_list(models)[0], None)

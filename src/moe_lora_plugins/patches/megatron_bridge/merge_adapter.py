@@ -59,7 +59,11 @@ def _all_gather_pair(linear_in: Any, linear_out: Any, group: Any, size: int) -> 
 def merge_lora_adapter_weights(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Upstream's merge arithmetic, each expert with the adapter of the EP rank that owns it."""
     from moe_lora_plugins.errors import MoeLoraError
-    from moe_lora_plugins.patches.megatron_bridge._export_common import ep_group_and_size, model_config
+    from moe_lora_plugins.patches.megatron_bridge._export_common import (
+        ep_group_and_size,
+        model_config,
+        prefetched_expert_adapter,
+    )
     from moe_lora_plugins.topology.naming import expert_owner, hf_expert_index
 
     adapters = args[2] if len(args) > 2 else kwargs.get("adapter_weights")
@@ -71,7 +75,14 @@ def merge_lora_adapter_weights(wrapped: Any, instance: Any, args: tuple[Any, ...
     if size == 1 or not converted:
         return wrapped(*args, **kwargs)
     adapter = adapters[0]
-    gathered = _all_gather_pair(adapter.linear_in_weight.weight, adapter.linear_out_weight.weight, group, size)
+    linear_in_all = prefetched_expert_adapter(models, adapter.linear_in_weight.vp_stage, adapter.linear_in_weight.param_name)
+    linear_out_all = prefetched_expert_adapter(
+        models, adapter.linear_out_weight.vp_stage, adapter.linear_out_weight.param_name
+    )
+    if linear_in_all is not None and linear_out_all is not None:
+        gathered = list(zip(linear_in_all, linear_out_all, strict=True))
+    else:
+        gathered = _all_gather_pair(adapter.linear_in_weight.weight, adapter.linear_out_weight.weight, group, size)
     num_experts = model_config(models).num_moe_experts
     by_owner: dict[int, dict[str, Any]] = {}
     for hf_name, base in converted.items():

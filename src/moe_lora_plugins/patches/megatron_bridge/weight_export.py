@@ -3,7 +3,8 @@
 Wraps ``MegatronModelBridge.stream_weights_megatron_to_hf``. The stream itself is upstream's; with the
 other Megatron-Bridge patches in place (global adapter names, per-owner expert merge, per-shard fc1
 split) it is the world-size-1 stream in every layout. The wrapper drops name caches the bridge
-filled before the patches were applied and passes the stream through the export audit, which raises
+filled before the patches were applied, gathers all expert adapters of a merged export over EP in
+one transfer up front (see ``merge_adapter``), and passes the stream through the export audit, which raises
 on any missing, doubled or wrongly shaped (layer, expert, projection). Items keep their tuple shape
 (upstream 2-tuples, the slime/miles 3-tuples).
 """
@@ -44,10 +45,22 @@ def stream_weights(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: d
     from moe_lora_plugins.patches.megatron_bridge._export_common import (
         bind_call,
         clear_name_caches,
+        drop_prefetched,
         maybe_audited,
+        prefetch_expert_adapters,
     )
 
     clear_name_caches(instance)
     call = bind_call(wrapped, args, kwargs)
-    kind = "merged" if call.get("merge_adapter_weights") else "plain"
-    return maybe_audited(wrapped(*args, **kwargs), kind, call["megatron_model"])
+    models = call["megatron_model"]
+    if not call.get("merge_adapter_weights"):
+        return maybe_audited(wrapped(*args, **kwargs), "plain", models)
+
+    def merged() -> Iterator[Any]:
+        prefetch_expert_adapters(models)
+        try:
+            yield from wrapped(*args, **kwargs)
+        finally:
+            drop_prefetched(models)
+
+    return maybe_audited(merged(), "merged", models)
