@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from moe_lora_plugins.errors import MoeLoraError
@@ -75,7 +75,6 @@ class LoraConfig:
     dropout: float = 0.0
     expert_adapters: ExpertAdapters = "per-expert"
     sync_mode: SyncMode = "adapter"
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def scale(self) -> float:

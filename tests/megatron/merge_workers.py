@@ -103,12 +103,20 @@ def export_memory_worker(hf_config: Any, lora: LoraSettings, approaches: tuple[s
 
 def actor_only_worker(hf_config: Any) -> dict[str, Any]:
     """Build the model once per role without LoRA, run the built-in hook, report what it did."""
+    import logging
+
     from moe_lora_plugins.hooks.manager import new_plugin_manager
     from moe_lora_plugins.lora_config import LoraConfig, LoraConfigError
     from moe_lora_plugins.plugins.lora_actor import count_parameters, install_pre_wrap_hook
 
     pm = new_plugin_manager(autoload=False)
     config = LoraConfig(enabled=True, rank=4, alpha=8)
+    messages: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
+    plugin_logger = logging.getLogger("moe_lora_plugins.lora_actor")
+    plugin_logger.addHandler(handler)
+    plugin_logger.setLevel(logging.INFO)
 
     def summary(chunks: list[Any]) -> dict[str, Any]:
         adapters = [n for c in chunks for n, m in c.named_modules() if n.endswith(".adapter")]
@@ -135,4 +143,5 @@ def actor_only_worker(hf_config: Any) -> dict[str, Any]:
     except LoraConfigError as exc:
         out["refusal"] = str(exc)
     out["after_refusal"] = summary(chunks)
+    out["log"] = messages
     return out

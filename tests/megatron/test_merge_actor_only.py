@@ -38,3 +38,9 @@ def test_the_pre_wrap_hook_applies_it_when_the_provider_builds_the_actor(outcome
 def test_a_target_missing_from_the_built_model_is_refused_before_any_change(outcome):
     assert "--lora-target-modules 'linear_q_down_proj' is not a LoRA target of a moe model" in outcome["refusal"]
     assert outcome["after_refusal"]["adapters"] == 0
+
+
+def test_trainable_and_total_counts_are_logged_per_rank_once_per_actor_build(outcome):
+    actor = outcome["actor"]
+    expected = f"rank 0: {actor['trainable']} trainable of {actor['total']} parameters"
+    assert sum(expected in message for message in outcome["log"]) == 2  # direct call + pre-wrap hook

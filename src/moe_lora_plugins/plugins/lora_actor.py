@@ -19,6 +19,21 @@ from moe_lora_plugins.lora_config import BridgeFacts, LoraConfig, ModelFacts, va
 logger = logging.getLogger("moe_lora_plugins.lora_actor")
 
 ACTOR_ROLE = "actor"
+FC1_SPLIT_PATCH = "megatron_bridge.split_fused_fc1_lora_b"
+
+
+def expert_tp_fc1_split_fixed() -> bool:
+    """Whether this process splits expert fc1 LoRA B correctly under expert-TP > 1: the export patch that
+    fixes Megatron-Bridge's split is applied (or pending, i.e. will land when the bridge is imported)."""
+    from moe_lora_plugins.activation import get_registry, is_active
+    from moe_lora_plugins.registry import PatchStatus
+
+    if not is_active():
+        return False
+    registry = get_registry()
+    if FC1_SPLIT_PATCH not in registry.ids():
+        return False
+    return registry.status(FC1_SPLIT_PATCH) in (PatchStatus.APPLIED, PatchStatus.PENDING)
 
 
 def as_lora_config(config: Any) -> LoraConfig | None:
@@ -67,7 +82,7 @@ def on_build_model(model_chunks: list[Any], provider: Any, role: str, config: An
         lora,
         model=ModelFacts.from_megatron_config(_model_config(model_chunks, provider)),
         model_module_names=module_names,
-        bridge=BridgeFacts.installed(expert_tp_fc1_split_ok=bool(lora.extra.get("expert_tp_fc1_split_ok", False))),
+        bridge=BridgeFacts.installed(expert_tp_fc1_split_ok=expert_tp_fc1_split_fixed()),
     )
     lora.to_megatron_bridge()(model_chunks, training=True)
     trainable, total = count_parameters(model_chunks)
