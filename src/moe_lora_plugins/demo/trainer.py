@@ -18,7 +18,6 @@ import os
 import queue
 import time
 import traceback
-import types
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -99,31 +98,6 @@ class SyncResult:
 # -------------------------------------------------------------------------------------------------
 
 
-def _cpu_pipeline_schedule() -> None:
-    """Megatron's schedules allocate a token counter with ``device="cuda"``; on a CPU-only machine
-    give that module a ``torch`` whose ``zeros`` maps ``"cuda"`` to the CPU (nothing else changes)."""
-    import torch
-    from megatron.core.pipeline_parallel import schedules
-
-    if isinstance(schedules.torch, _CpuDeviceTorch) or torch.cuda.is_available():
-        return
-    schedules.torch = _CpuDeviceTorch(torch)
-
-
-class _CpuDeviceTorch(types.ModuleType):
-    def __init__(self, torch: Any) -> None:
-        super().__init__("torch")
-        self._torch = torch
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._torch, name)
-
-    def zeros(self, *args: Any, device: Any = None, **kwargs: Any) -> Any:
-        if device == "cuda":
-            device = "cpu"
-        return self._torch.zeros(*args, device=device, **kwargs)
-
-
 def _lora_init(global_name: str, shape: Sequence[int], seed: int) -> Any:
     """LoRA A: N(0, 1/in) from the global name (equal on every replica); LoRA B: zero."""
     import torch
@@ -149,20 +123,16 @@ class TrainerRank:
         from moe_lora_plugins.testing.megatron_cpu import prepare_megatron_cpu
 
         s = self.settings
-        prepare_megatron_cpu(cuda_shims=True)
-        if not torch.cuda.is_available():
-            # Megatron's rotary embedding and p2p buffers go to ``torch.cuda.current_device()``: the CPU here.
-            torch.cuda.current_device = lambda: "cpu"
+        prepare_megatron_cpu()
         from megatron.bridge import AutoBridge
         from megatron.bridge.models.gpt_provider import local_layer_spec
-        from megatron.core import parallel_state, tensor_parallel
+        from megatron.core import parallel_state
 
+        from moe_lora_plugins.demo import cpu_training
         from moe_lora_plugins.lora_config import LoraConfig
         from moe_lora_plugins.plugins.lora_actor import install_pre_wrap_hook
 
-        _cpu_pipeline_schedule()
-        # Attention forks the CUDA RNG tracker around dropout; dropout is 0 and there is no CUDA RNG.
-        tensor_parallel.get_cuda_rng_tracker().fork = lambda *a, **k: contextlib.nullcontext()
+        cpu_training.install()
         self.bridge = AutoBridge.from_hf_pretrained(s.model_dir, torch_dtype=torch.float32)
         provider = self.bridge.to_megatron_provider(load_weights=True)
         provider.transformer_layer_spec = local_layer_spec
