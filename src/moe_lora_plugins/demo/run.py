@@ -76,6 +76,7 @@ class Demo:
         self.probe: list[list[int]] = []
         self.probe_scores: Any = None
         self.adapter: dict[str, Any] | None = None
+        self.senders: list[int] = []
 
     def run(self) -> DemoSummary:
         validate(self.config)
