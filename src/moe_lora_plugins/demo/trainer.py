@@ -1,0 +1,500 @@
+"""The demo's trainer: a Megatron-Bridge policy with LoRA in EP x PP gloo processes on the CPU.
+
+Each rank (a spawned process, see :class:`TrainerPool`) loads the tiny checkpoint through
+Megatron-Bridge into its share of the layout, gets LoRA through this suite's actor plugin
+(``on_build_model``), then serves commands: a GRPO-style step (recompute the rollout tokens'
+logprobs with Megatron's own pipeline schedule, policy-gradient loss, backward, gradient reduction
+over the data-parallel replicas, Adam on the LoRA parameters only), and an adapter export + sync
+(Megatron-Bridge's adapter export, patched and audited, as the check; this suite's layout-correct
+gather as the adapter; one sender per pipeline stage into the engine's sync group).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import multiprocessing
+import os
+import queue
+import time
+import traceback
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from moe_lora_plugins.errors import MoeLoraError
+
+# Patches the trainer processes must have applied, or they stop at start (MOELORA_REQUIRE).
+REQUIRED_TRAINER_PATCHES = (
+    "megatron_bridge.local_name_to_global",
+    "megatron_bridge.stream_adapter_weights",
+)
+
+
+class TrainerError(MoeLoraError, RuntimeError):
+    """A trainer rank failed; the message carries its traceback."""
+
+
+@dataclass(frozen=True)
+class TrainerSettings:
+    """What every trainer rank needs to build the policy (picklable, sent to each spawned rank)."""
+
+    model_dir: str
+    ep: int = 2
+    pp: int = 2
+    vpp: int | None = None
+    lora_rank: int = 4
+    lora_alpha: float = 8.0
+    learning_rate: float = 0.05
+    seed: int = 0
+
+    @property
+    def world_size(self) -> int:
+        return self.ep * self.pp
+
+
+@dataclass
+class RolloutBatch:
+    """Token ids of every sample (prompt + completion, equal lengths), the per-sample advantage and
+    the engine's logprob of each completion token."""
+
+    tokens: Any  # int64 (N, P + C)
+    prompt_len: int
+    advantages: Any  # float32 (N,)
+    rollout_logprobs: Any  # float32 (N, C)
+
+
+@dataclass
+class StepResult:
+    """One rank's share of a step; logprobs only on the last pipeline stage."""
+
+    rank: int
+    sample_indices: list[int] = field(default_factory=list)
+    logprobs: Any = None
+    loss: float = 0.0
+    seconds: float = 0.0
+
+
+@dataclass
+class SyncResult:
+    """One rank's share of an export + sync."""
+
+    rank: int
+    sender: int | None
+    sent_bytes: int = 0
+    sent_tensors: int = 0
+    buckets: int = 0
+    audit: dict[str, Any] = field(default_factory=dict)
+    adapter_bytes: int = 0
+    adapter: dict[str, Any] | None = None
+    config: dict[str, Any] | None = None
+    export_seconds: float = 0.0
+    send_seconds: float = 0.0
+
+
+# -------------------------------------------------------------------------------------------------
+# Inside one rank
+# -------------------------------------------------------------------------------------------------
+
+
+def _lora_init(global_name: str, shape: Sequence[int], seed: int) -> Any:
+    """LoRA A: N(0, 1/in) from the global name (equal on every replica); LoRA B: zero."""
+    import torch
+
+    if ".linear_out." in global_name:
+        return torch.zeros(tuple(shape))
+    generator = torch.Generator().manual_seed((zlib.crc32(global_name.encode()) + 7919 * seed) % (2**63))
+    return torch.randn(tuple(shape), generator=generator) / float(shape[-1]) ** 0.5
+
+
+class TrainerRank:
+    """The policy on one rank and the operations the demo runs on it."""
+
+    def __init__(self, settings: TrainerSettings) -> None:
+        self.settings = settings
+        self.sync_group: Any = None
+        self.sender: int | None = None
+        self._build()
+
+    def _build(self) -> None:
+        import torch
+
+        from moe_lora_plugins.testing.megatron_cpu import prepare_megatron_cpu
+
+        s = self.settings
+        prepare_megatron_cpu()
+        from megatron.bridge import AutoBridge
+        from megatron.bridge.models.gpt_provider import local_layer_spec
+        from megatron.core import parallel_state
+
+        from moe_lora_plugins.demo import cpu_training
+        from moe_lora_plugins.lora_config import LoraConfig
+        from moe_lora_plugins.plugins.lora_actor import install_pre_wrap_hook
+
+        cpu_training.install()
+        self.bridge = AutoBridge.from_hf_pretrained(s.model_dir, torch_dtype=torch.float32)
+        provider = self.bridge.to_megatron_provider(load_weights=True)
+        provider.transformer_layer_spec = local_layer_spec
+        provider.use_cpu_initialization = True
+        provider.params_dtype = torch.float32
+        provider.bf16 = provider.fp16 = False
+        provider.pipeline_dtype = torch.float32
+        provider.autocast_dtype = None
+        provider.moe_token_dispatcher_type = "allgather"
+        provider.moe_grouped_gemm = False
+        for name in ("bias_activation_fusion", "bias_dropout_fusion", "masked_softmax_fusion", "persist_layer_norm",
+                     "apply_rope_fusion", "gradient_accumulation_fusion", "moe_permute_fusion",
+                     "cross_entropy_loss_fusion"):
+            if hasattr(provider, name):
+                setattr(provider, name, False)
+        provider.tensor_model_parallel_size = 1
+        provider.pipeline_model_parallel_size = s.pp
+        provider.virtual_pipeline_model_parallel_size = s.vpp
+        provider.expert_model_parallel_size = s.ep
+        provider.expert_tensor_parallel_size = 1
+        provider.sequence_parallel = False
+        provider.finalize()
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=1,
+            pipeline_model_parallel_size=s.pp,
+            virtual_pipeline_model_parallel_size=s.vpp,
+            expert_model_parallel_size=s.ep,
+            expert_tensor_parallel_size=1,
+        )
+        torch.manual_seed(s.seed)
+        self.lora = LoraConfig(enabled=True, rank=s.lora_rank, alpha=s.lora_alpha, expert_adapters="per-expert")
+        install_pre_wrap_hook(provider, role="actor", config=self.lora)
+        self.model = list(provider.provide_distributed_model(wrap_with_ddp=False, use_cpu_initialization=True,
+                                                             mixed_precision_wrapper=None))
+        self.config = provider
+        self._init_lora()
+        for chunk in self.model:
+            chunk.eval()  # dropout is 0 anyway; eval keeps the MoE auxiliary loss out of the policy gradient
+        self.params = [p for chunk in self.model for p in chunk.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(self.params, lr=s.learning_rate)
+
+    def _init_lora(self) -> None:
+        import torch
+
+        from moe_lora_plugins.testing.tiny_models import global_param_name
+
+        self.lora_names: dict[int, str] = {}
+        with torch.no_grad():
+            for chunk in self.model:
+                for local_name, param in chunk.named_parameters():
+                    if not param.requires_grad:
+                        continue
+                    if ".adapter." not in local_name:
+                        raise TrainerError(f"a trainable parameter that is not LoRA: {local_name}")
+                    name = global_param_name(chunk, local_name)
+                    param.copy_(_lora_init(name, param.shape, self.settings.seed))
+                    self.lora_names[id(param)] = name
+
+    def patch_status(self) -> dict[str, str]:
+        """Each moe-lora-plugins patch's status in this rank (``applied``, ``pending``, ...)."""
+        from moe_lora_plugins.activation import get_registry
+
+        return {row["id"]: row["status"] for row in get_registry().rows()}
+
+    # -- the GRPO step ---------------------------------------------------------------------------
+
+    def step(self, batch: RolloutBatch, update: bool = True) -> StepResult:
+        """Recompute logprobs of this data-parallel slice with Megatron's pipeline schedule; with ``update``
+        also the policy-gradient loss, backward, gradient reduction and an Adam step on the LoRA parameters."""
+        import torch
+        from megatron.core import parallel_state as ps
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        start = time.perf_counter()
+        dp_size, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        total = batch.tokens.shape[0]
+        indices = list(range(dp_rank, total, dp_size))
+        completion_tokens = (batch.tokens.shape[1] - batch.prompt_len) * total
+        # The interleaved (VPP) schedule wants as many microbatches as pipeline stages.
+        count = self.settings.pp if self.settings.vpp else 1
+        micros = [
+            _Microbatch(batch.tokens[part], batch.prompt_len, batch.advantages[part].float(), completion_tokens)
+            for part in (indices[i::count] for i in range(count))
+        ]
+        store: list[Any] = []
+
+        def loss_func(micro: _Microbatch, output: Any) -> tuple[Any, dict[str, Any]]:
+            logprobs = micro.completion_logprobs(output)
+            # Megatron divides a 2-tuple loss by the number of microbatches; the loss here is already a sum
+            # over this microbatch's tokens divided by the step's token count, so undo that division.
+            loss = -(micro.advantages[:, None] * logprobs).sum() / micro.total_completion_tokens * count
+            store.append(logprobs.detach().clone())
+            return loss, {"loss": loss.detach().clone() / count}
+
+        def forward_step(data_iterator: Any, model: Any) -> tuple[Any, Any]:
+            micro = next(data_iterator)
+            output = model(input_ids=micro.tokens, position_ids=micro.positions, attention_mask=micro.causal_mask)
+            return output, functools.partial(loss_func, micro)
+
+        chunks = len(self.model)
+        self.optimizer.zero_grad(set_to_none=True)
+        losses = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=[iter(micros) for _ in range(chunks)] if chunks > 1 else iter(micros),
+            model=self.model if chunks > 1 else self.model[0],
+            num_microbatches=count,
+            seq_length=batch.tokens.shape[1],
+            micro_batch_size=len(indices) // count,
+            forward_only=not update,
+        )
+        if update:
+            self._reduce_gradients()
+            self.optimizer.step()
+        result = StepResult(rank=_rank(), seconds=time.perf_counter() - start)
+        if store:
+            order = [i for part in (indices[i::count] for i in range(count)) for i in part]
+            result.sample_indices = order
+            result.logprobs = torch.cat(store, dim=0)
+            result.loss = float(sum(float(item["loss"]) for item in losses))
+        return result
+
+    def _reduce_gradients(self) -> None:
+        """Sum LoRA gradients over the replicas that saw other samples: the data-parallel group for
+        attention adapters, the expert-data-parallel group for expert adapters. The loss is already
+        normalised by the global token count, so the sum is the world-size-1 gradient."""
+        import torch
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+
+        dense, expert = ps.get_data_parallel_group(), ps.get_expert_data_parallel_group()
+        for param in self.params:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            is_expert = ".experts." in self.lora_names[id(param)]
+            group = expert if is_expert else dense
+            if dist.get_world_size(group) > 1:
+                dist.all_reduce(param.grad, group=group)
+
+    # -- export, audit and sync ------------------------------------------------------------------
+
+    def join_sync_group(self, host: str, port: int) -> int | None:
+        """The first rank of pipeline stage s becomes sender s of the engine's sync group (group rank s + 1;
+        the engine's worker is group rank 0). The other ranks take no part in the sync."""
+        from megatron.core import parallel_state as ps
+
+        from moe_lora_plugins.sync.transport import new_sync_group
+
+        if ps.get_data_parallel_rank() != 0 or ps.get_expert_model_parallel_rank() != 0:
+            return None
+        self.sender = ps.get_pipeline_model_parallel_rank()
+        self.sync_group = new_sync_group(host, port, self.sender + 1, self.settings.pp + 1, "gloo")
+        return self.sender
+
+    def owned_layers(self) -> list[int]:
+        layers = []
+        for chunk in self.model:
+            module = chunk
+            while hasattr(module, "module") and not hasattr(module, "decoder"):
+                module = module.module
+            layers += [layer.layer_number - 1 for layer in module.decoder.layers]
+        return sorted(layers)
+
+    def export_and_send(self, version: int, want_adapter: bool) -> SyncResult:
+        """Audit Megatron-Bridge's adapter export, gather the adapter, send this stage's layers."""
+        from moe_lora_plugins.lora.convert import PEFT_PREFIX
+        from moe_lora_plugins.lora.export import gather_adapter
+        from moe_lora_plugins.sync.sender import send_lora_adapter
+
+        start = time.perf_counter()
+        audit = self._audited_bridge_export()
+        adapter = gather_adapter(self.model, bridge=self.bridge, dst=None)
+        audit["agrees_with_gather"] = _bridge_stream_agrees(audit.pop("stream"), adapter.tensors, PEFT_PREFIX)
+        result = SyncResult(rank=_rank(), sender=self.sender, audit=audit, adapter_bytes=adapter.nbytes())
+        result.export_seconds = time.perf_counter() - start
+        if want_adapter and _rank() == 0:
+            result.adapter = {name: t.clone() for name, t in adapter.tensors.items()}
+            result.config = adapter.peft_config()
+        if self.sync_group is not None:
+            start = time.perf_counter()
+            report = send_lora_adapter(adapter, self.sync_group, [0], sender=self.sender, version=version,
+                                       layers=self.owned_layers())
+            result.send_seconds = time.perf_counter() - start
+            result.sent_bytes, result.sent_tensors, result.buckets = (
+                report.payload_bytes, report.tensors, report.buckets)
+        return result
+
+    def _audited_bridge_export(self) -> dict[str, Any]:
+        """Megatron-Bridge's ``export_adapter_weights`` on every rank; the patched stream is EP-gathered and
+        audited (every layer, every expert, each once, shapes agree) and raises if it is not complete."""
+        from moe_lora_plugins.audit import ExportAudit
+        from moe_lora_plugins.patches.megatron_bridge._export_common import audit_enabled
+
+        stream = [(item[0], item[1]) for item in self.bridge.export_adapter_weights(self.model, cpu=True,
+                                                                                    show_progress=False)]
+        check = ExportAudit("adapter", num_layers=self.config.num_layers, num_experts=self.config.num_moe_experts)
+        for name, tensor in stream:
+            check.observe(name, tensor)
+        report = check.finish()
+        return {"passed": True, "patched_stream_audit": audit_enabled(), "tensors": report.tensors,
+                "bytes": report.nbytes, "layers": sorted(report.layers), "experts": sorted(report.experts),
+                "stream": stream}
+
+
+class _Microbatch:
+    """Token ids, positions, causal mask and advantages of one rank's slice (no padding: equal lengths)."""
+
+    def __init__(self, tokens: Any, prompt_len: int, advantages: Any, total_completion_tokens: int) -> None:
+        import torch
+
+        self.tokens = tokens
+        self.prompt_len = prompt_len
+        self.advantages = advantages
+        self.total_completion_tokens = total_completion_tokens
+        seq = tokens.shape[1]
+        self.positions = torch.arange(seq).unsqueeze(0).expand(tokens.shape[0], seq)
+        self.causal_mask = torch.triu(torch.ones(seq, seq, dtype=torch.bool), diagonal=1)[None, None]
+
+    def completion_logprobs(self, logits: Any) -> Any:
+        """log p(token_t | tokens_<t) for every completion position, float32, shape (n, C)."""
+        import torch
+
+        logprobs = torch.log_softmax(logits.float()[:, self.prompt_len - 1 : -1], dim=-1)
+        return logprobs.gather(-1, self.tokens[:, self.prompt_len :, None]).squeeze(-1)
+
+
+def _bridge_stream_agrees(stream: list[tuple[str, Any]], peft: Mapping[str, Any], prefix: str) -> bool:
+    """Megatron-Bridge's export and this suite's gather name the same tensors with the same values."""
+    import torch
+
+    bridge = {name if name.startswith(prefix) else prefix + name: t for name, t in stream}
+    bridge = {n.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): t
+              for n, t in bridge.items()}
+    if sorted(bridge) != sorted(peft):
+        return False
+    return all(torch.equal(bridge[n], peft[n].to(bridge[n].dtype)) for n in peft)
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _rank_loop(rank: int, world: int, port: int, settings: TrainerSettings, commands: Any, results: Any,
+               env: Mapping[str, str], log_path: str | None) -> None:
+    if log_path:  # Megatron and Megatron-Bridge log a lot; the demo shows a summary and keeps the logs
+        log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+    os.environ.update(env)
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
+    try:
+        import torch
+        import torch.distributed as dist
+
+        torch.set_num_threads(1)
+        from moe_lora_plugins.activation import activate, is_active
+
+        if not is_active():  # the .pth bootstrap activates when installed; a source checkout needs the call
+            activate(role="trainer")
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        trainer = TrainerRank(settings)
+        results.put((rank, "ready", {"layers": trainer.owned_layers(),
+                                     "lora_params": sum(p.numel() for p in trainer.params)}))
+        while True:
+            command, args = commands.get()
+            if command == "stop":
+                break
+            results.put((rank, command, getattr(trainer, command)(*args)))
+    except BaseException:
+        results.put((rank, "error", traceback.format_exc()))
+    finally:
+        with contextlib.suppress(Exception):
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+# -------------------------------------------------------------------------------------------------
+# In the demo's main process
+# -------------------------------------------------------------------------------------------------
+
+
+class TrainerPool:
+    """The trainer ranks as spawned processes; :meth:`call` runs one command on every rank."""
+
+    def __init__(self, settings: TrainerSettings, env: Mapping[str, str], log_dir: str | None = None,
+                 timeout_s: float = 600.0) -> None:
+        from moe_lora_plugins.testing.distributed import free_port
+
+        self.settings = settings
+        self.timeout_s = timeout_s
+        ctx = multiprocessing.get_context("spawn")
+        self._results = ctx.Queue()
+        self._commands = [ctx.Queue() for _ in range(settings.world_size)]
+        port = free_port()
+        self._procs = [
+            ctx.Process(target=_rank_loop, name=f"moelora-demo-trainer{rank}",
+                        args=(rank, settings.world_size, port, settings, self._commands[rank], self._results,
+                              dict(env), os.path.join(log_dir, f"trainer-rank{rank}.log") if log_dir else None))
+            for rank in range(settings.world_size)
+        ]
+        for proc in self._procs:
+            proc.start()
+        self.info: list[Any] = []
+
+    def wait_ready(self) -> list[Any]:
+        self.info = self._collect("ready")
+        return self.info
+
+    def send(self, command: str, *args: Any) -> None:
+        for q in self._commands:
+            q.put((command, args))
+
+    def call(self, command: str, *args: Any) -> list[Any]:
+        self.send(command, *args)
+        return self._collect(command)
+
+    def collect(self, command: str) -> list[Any]:
+        return self._collect(command)
+
+    def _collect(self, command: str) -> list[Any]:
+        out: dict[int, Any] = {}
+        deadline = time.monotonic() + self.timeout_s
+        while len(out) < len(self._procs):
+            try:
+                rank, kind, payload = self._results.get(timeout=1.0)
+            except queue.Empty:
+                dead = [r for r, p in enumerate(self._procs) if not p.is_alive() and r not in out]
+                if dead:
+                    raise TrainerError(f"trainer rank(s) {dead} exited (codes "
+                                       f"{[self._procs[r].exitcode for r in dead]}) during '{command}'") from None
+                if time.monotonic() > deadline:
+                    raise TrainerError(f"trainer '{command}' did not finish within {self.timeout_s:.0f} s") from None
+                continue
+            if kind == "error":
+                last = payload.strip().splitlines()[-1] if payload.strip() else "no traceback"
+                raise TrainerError(f"trainer rank {rank} failed during '{command}': {last}\n\n{payload}")
+            out[rank] = payload
+        return [out[r] for r in range(len(self._procs))]
+
+    def stop(self) -> None:
+        for q in self._commands:
+            with contextlib.suppress(Exception):
+                q.put(("stop", ()))
+        for proc in self._procs:
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+
+
+def trainer_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment each trainer rank starts with: the suite on, role trainer, and the export patches
+    required (except those the user switched off with ``MOELORA_DISABLED_PATCHES``, to see what they fix)."""
+    from moe_lora_plugins.envs import parse_id_list
+
+    env = dict(base or {})
+    disabled = set(parse_id_list(env.get("MOELORA_DISABLED_PATCHES")))
+    env.update({"MOELORA_PLUGINS": "on", "MOELORA_ROLE": "trainer",
+                "MOELORA_REQUIRE": ",".join(p for p in REQUIRED_TRAINER_PATCHES if p not in disabled),
+                "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
+    return env
