@@ -37,7 +37,7 @@ def _megatron_and_peft_dirs(config_kind: str, target_modules: tuple[str, ...], o
         tiny_qwen3_moe_config,
     )
 
-    prepare_megatron_cpu(cuda_shims=True)
+    prepare_megatron_cpu()
     # Megatron's rotary embedding moves its buffer to ``torch.cuda.current_device()``: keep it on the CPU.
     torch.cuda.current_device = lambda: "cpu"
     hf_config = tiny_qwen3_moe_config() if config_kind == "moe" else tiny_qwen3_config()
