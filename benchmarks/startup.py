@@ -1,7 +1,7 @@
 """Interpreter start-up cost of moe-lora-plugins: baseline vs switch unset vs switch on.
 
 A throw-away venv (no pip) is made from this interpreter; a path ``.pth`` makes this environment's
-packages (wrapt, pluggy, packaging, and moe_lora_plugins) importable in it. Three variants are timed,
+packages (wrapt, pluggy, packaging) and a byte-compiled copy of moe_lora_plugins importable in it. Three variants are timed,
 interleaved, ``--runs`` times each, as the median wall time of ``python -c pass``:
 
 - baseline: the venv with the path ``.pth`` only;
@@ -47,8 +47,12 @@ def main() -> None:
     args = parser.parse_args()
 
     pth = PTH_SOURCE if PTH_SOURCE.exists() else Path(sysconfig.get_paths()["purelib"]) / "moe_lora_plugins.pth"
-    package_parent = Path(moe_lora_plugins.__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory() as tmp:
+        # A copy with bytecode compiled, as `pip install` leaves it (PYTHONDONTWRITEBYTECODE would
+        # otherwise make every run compile our modules from source).
+        package_parent = Path(tmp) / "pkg"
+        shutil.copytree(Path(moe_lora_plugins.__file__).resolve().parent, package_parent / "moe_lora_plugins")
+        subprocess.run([sys.executable, "-m", "compileall", "-q", str(package_parent)], check=True)
         base = Path(tmp) / "base"
         subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(base)], check=True)
         ours = Path(tmp) / "ours"
