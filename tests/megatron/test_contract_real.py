@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from moe_lora_plugins.patches import all_specs
-from moe_lora_plugins.testing.contract import run_case, shadow_version_site
+from moe_lora_plugins.testing.contract import assert_real_lifecycle, assert_real_out_of_range_refused
 
-SPECS = [s for s in all_specs() if "megatron-bridge" in s.distributions or "megatron-core" in s.distributions]
+SPECS = [s for s in all_specs() if {"megatron-bridge", "megatron-core"} & set(s.distributions)]
 PRELUDE = "from moe_lora_plugins.testing.megatron_cpu import prepare_megatron_cpu; prepare_megatron_cpu()"
 
 
@@ -18,15 +18,8 @@ def test_the_lane_has_megatron_specs():
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.id)
 def test_real_target_lifecycle(spec):
-    r = run_case(spec.id, "real_lifecycle", real=True, prelude=PRELUDE)
-    assert "error" not in r, r["error"] + r["stderr"]
-    assert r["status_before_import"] in ("pending", "applied")  # a prelude may import the target first
-    assert r["status"] == "applied", r["detail"]
-    assert (r["replaced"], r["restored"], r["reapplied"]) == (True, True, "applied")
+    assert_real_lifecycle(spec, PRELUDE)
 
 
 def test_an_out_of_range_installed_version_is_refused_on_the_real_package(tmp_path):
-    spec = SPECS[0]
-    r = run_case(spec.id, "out_of_range", site=shadow_version_site(tmp_path, spec), real=True, prelude=PRELUDE)
-    assert "error" not in r, r["error"] + r["stderr"]
-    assert (r["status"], r["untouched"]) == ("incompatible", True)
+    assert_real_out_of_range_refused(SPECS[0], tmp_path, PRELUDE)

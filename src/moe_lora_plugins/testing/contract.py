@@ -288,3 +288,20 @@ def run_case(
 
 def is_module_level(spec: PatchSpec) -> bool:
     return "." not in spec.attribute
+
+
+def assert_real_lifecycle(spec: PatchSpec, prelude: str = "") -> None:
+    """On the real installed package: applied (target resolves, fingerprint matches), revert restores
+    the original object, and the patch applies again."""
+    r = run_case(spec.id, "real_lifecycle", real=True, prelude=prelude)
+    assert "error" not in r, r["error"] + r["stderr"]
+    assert r["status_before_import"] in ("pending", "applied")  # a prelude may import the target first
+    assert r["status"] == "applied", r["detail"]
+    assert (r["replaced"], r["restored"], r["reapplied"]) == (True, True, "applied")
+
+
+def assert_real_out_of_range_refused(spec: PatchSpec, root: Path, prelude: str = "") -> None:
+    """With metadata claiming an out-of-range version shadowing the real package: not applied."""
+    r = run_case(spec.id, "out_of_range", site=shadow_version_site(root, spec), real=True, prelude=prelude)
+    assert "error" not in r, r["error"] + r["stderr"]
+    assert (r["status"], r["untouched"]) == ("incompatible", True)
