@@ -112,3 +112,25 @@ def test_layer_renumbering_does_not_depend_on_expert_parallelism(local_layer, gl
 def test_hf_expert_index_reads_per_expert_names_only():
     assert hf_expert_index("model.layers.0.mlp.experts.17.gate_proj.lora_A.weight") == 17
     assert hf_expert_index("model.layers.0.mlp.experts.gate_up_proj") is None
+
+
+def test_global_param_name_reads_layer_and_expert_numbers_from_the_live_modules():
+    from types import SimpleNamespace
+
+    from moe_lora_plugins.topology.naming import global_param_name
+
+    # PP stage 1 of 2 holding global layers 2 and 3; EP rank 1 of 2 holding global experts 4..7.
+    layers = [
+        SimpleNamespace(layer_number=3, mlp=SimpleNamespace(local_expert_indices=[4, 5, 6, 7])),
+        SimpleNamespace(layer_number=4, mlp=SimpleNamespace(local_expert_indices=[4, 5, 6, 7])),
+    ]
+    model = SimpleNamespace(decoder=SimpleNamespace(layers=layers))
+    chunk = SimpleNamespace(module=SimpleNamespace(module=model))  # DDP / Float16Module wrappers
+    local = "module.module.decoder.layers.1.mlp.experts.local_experts.2.linear_fc1.adapter.linear_in.weight"
+    assert global_param_name(chunk, local) == (
+        "decoder.layers.3.mlp.experts.local_experts.6.linear_fc1.adapter.linear_in.weight"
+    )
+    assert global_param_name(chunk, "decoder.layers.0.self_attention.linear_qkv.weight") == (
+        "decoder.layers.2.self_attention.linear_qkv.weight"
+    )
+    assert global_param_name(chunk, "embedding.word_embeddings.weight") == "embedding.word_embeddings.weight"

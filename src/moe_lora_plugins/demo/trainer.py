@@ -177,7 +177,7 @@ class TrainerRank:
     def _init_lora(self) -> None:
         import torch
 
-        from moe_lora_plugins.testing.tiny_models import global_param_name
+        from moe_lora_plugins.topology.naming import global_param_name
 
         self.lora_names: dict[int, str] = {}
         with torch.no_grad():

@@ -11,7 +11,6 @@ It does not go through Megatron-Bridge's adapter export, so its EP naming bug ca
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -21,36 +20,11 @@ from moe_lora_plugins.errors import MoeLoraError
 from moe_lora_plugins.lora.convert import LoraAdapter, megatron_to_peft
 from moe_lora_plugins.lora.families import ModelDims
 from moe_lora_plugins.lora.formats import write_peft_dir
-
-_LAYER = re.compile(r"(?:^|\.)decoder\.layers\.(\d+)\.")
-_LOCAL_EXPERT = re.compile(r"\.experts\.local_experts\.(\d+)\.")
+from moe_lora_plugins.topology.naming import global_param_name, unwrap_model_chunk
 
 
 class AdapterExportError(MoeLoraError, RuntimeError):
     """The live model's LoRA cannot be exported as asked (ranks disagree, no LoRA found, ...)."""
-
-
-def _unwrap(chunk: Any) -> Any:
-    while hasattr(chunk, "module") and not hasattr(chunk, "decoder"):
-        chunk = chunk.module
-    return chunk
-
-
-def _global_name(chunk: Any, local_name: str) -> str:
-    model = _unwrap(chunk)
-    name = local_name
-    while name.startswith("module."):
-        name = name[len("module.") :]
-    layer_match = _LAYER.search(name)
-    if layer_match is None:
-        return name
-    layer = model.decoder.layers[int(layer_match.group(1))]
-    expert_match = _LOCAL_EXPERT.search(name)
-    if expert_match is not None:
-        expert = layer.mlp.local_expert_indices[int(expert_match.group(1))]
-        name = f"{name[: expert_match.start()]}.experts.local_experts.{expert}.{name[expert_match.end() :]}"
-    start, end = layer_match.span(1)
-    return f"{name[:start]}{layer.layer_number - 1}{name[end:]}"
 
 
 def _all_gather(tensor: torch.Tensor, group: Any, dim: int) -> torch.Tensor:
@@ -86,7 +60,7 @@ def collect_megatron_lora(model_chunks: list[Any]) -> tuple[dict[str, torch.Tens
     tensors: dict[str, torch.Tensor] = {}
     alphas: set[float] = set()
     for chunk in model_chunks:
-        for module_name, module in _unwrap(chunk).named_modules():
+        for module_name, module in unwrap_model_chunk(chunk).named_modules():
             if (
                 hasattr(module, "linear_in")
                 and hasattr(module, "alpha")
@@ -96,7 +70,7 @@ def collect_megatron_lora(model_chunks: list[Any]) -> tuple[dict[str, torch.Tens
         for local_name, param in chunk.named_parameters():
             if ".adapter." not in local_name:
                 continue
-            name = _global_name(chunk, local_name)
+            name = global_param_name(chunk, local_name)
             is_expert = ".experts." in name and ".shared_experts." not in name
             tensor = param.detach()
             if getattr(param, "tensor_model_parallel", False):
@@ -157,7 +131,7 @@ def gather_adapter(
         )
     if len(alphas) != 1:
         raise AdapterExportError(f"ranks report LoRA alpha {sorted(alphas)}; expected one value")
-    config = _unwrap(model_chunks[0]).config
+    config = unwrap_model_chunk(model_chunks[0]).config
     dims = ModelDims(
         config.num_attention_heads,
         config.num_query_groups or config.num_attention_heads,

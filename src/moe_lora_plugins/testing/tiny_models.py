@@ -19,18 +19,17 @@ globalization that the export patches fix.
 from __future__ import annotations
 
 import math
-import re
 import zlib
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from moe_lora_plugins.topology.naming import global_param_name
+
 ExportKind = Literal["plain", "merged", "adapter", "peft"]
 EXPORT_KINDS: tuple[ExportKind, ...] = ("plain", "merged", "adapter")
 
-_LAYER = re.compile(r"(?:^|\.)decoder\.layers\.(\d+)\.")
-_LOCAL_EXPERT = re.compile(r"\.mlp\.experts\.local_experts\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -227,37 +226,6 @@ def build_lora_model(
         mixed_precision_wrapper=None,
     )
     return BuiltModel(bridge=bridge, provider=provider, model=list(model), layout=layout, lora=peft)
-
-
-def _unwrap(chunk: Any) -> Any:
-    while hasattr(chunk, "module") and not hasattr(chunk, "decoder"):
-        chunk = chunk.module
-    return chunk
-
-
-def global_param_name(chunk: Any, local_name: str) -> str:
-    """The name ``local_name`` (a parameter of ``chunk``) has in the world-size-1 model.
-
-    Layer numbers come from ``TransformerLayer.layer_number`` (1-based, global), expert numbers
-    from ``MoELayer.local_expert_indices``.
-    """
-    module = _unwrap(chunk)
-    name = local_name
-    while name.startswith("module."):
-        name = name[len("module."):]
-    layer_match = _LAYER.search(name)
-    if layer_match is None:
-        return name
-    local_layer = int(layer_match.group(1))
-    layer = module.decoder.layers[local_layer]
-    expert_match = _LOCAL_EXPERT.search(name)
-    if expert_match is not None:
-        local_expert = int(expert_match.group(1))
-        global_expert = layer.mlp.local_expert_indices[local_expert]
-        name = name[: expert_match.start()] + f".mlp.experts.local_experts.{global_expert}." + name[
-            expert_match.end():]
-    start, end = layer_match.span(1)
-    return name[:start] + str(layer.layer_number - 1) + name[end:]
 
 
 def _tp_world_and_rank(is_expert: bool) -> tuple[int, int]:

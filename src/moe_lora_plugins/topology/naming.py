@@ -16,6 +16,7 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass
+from typing import Any
 
 _LAYER = re.compile(r"(?<![A-Za-z0-9_])layers\.(\d+)\.")
 _SEQUENTIAL = re.compile(r"\.experts\.local_experts\.(\d+)\.")
@@ -143,3 +144,37 @@ def hf_layer_index(hf_name: str) -> int | None:
     """The layer number in an HF name (``model.layers.{l}....``), or ``None``."""
     match = _LAYER.search(hf_name)
     return int(match.group(1)) if match else None
+
+
+_CHUNK_LAYER = re.compile(r"(?:^|\.)decoder\.layers\.(\d+)\.")
+
+
+def unwrap_model_chunk(chunk: Any) -> Any:
+    """The GPT model inside DDP / Float16Module wrappers (the first object with a ``decoder``)."""
+    while hasattr(chunk, "module") and not hasattr(chunk, "decoder"):
+        chunk = chunk.module
+    return chunk
+
+
+def global_param_name(chunk: Any, local_name: str) -> str:
+    """The name a parameter of a live model chunk has in the world-size-1 model.
+
+    Read from the modules themselves, not from any bridge's naming: the layer number from
+    ``TransformerLayer.layer_number`` (1-based, already global across PP and VPP), the expert number
+    of a ``local_experts.{e}`` module from ``MoELayer.local_expert_indices`` (global across EP).
+    ``module.`` wrapper prefixes are dropped. Duck-typed: no Megatron import.
+    """
+    model = unwrap_model_chunk(chunk)
+    name = local_name
+    while name.startswith("module."):
+        name = name[len("module."):]
+    layer_match = _CHUNK_LAYER.search(name)
+    if layer_match is None:
+        return name
+    layer = model.decoder.layers[int(layer_match.group(1))]
+    expert_match = _SEQUENTIAL.search(name)
+    if expert_match is not None:
+        expert = layer.mlp.local_expert_indices[int(expert_match.group(1))]
+        name = f"{name[: expert_match.start()]}.experts.local_experts.{expert}.{name[expert_match.end():]}"
+    start, end = layer_match.span(1)
+    return f"{name[:start]}{layer.layer_number - 1}{name[end:]}"
