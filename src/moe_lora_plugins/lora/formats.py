@@ -177,12 +177,7 @@ def to_vllm_3d(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
     ``(2*I, r*E)`` (rank-major, expert-minor columns), and ``experts.lora_{A,B}`` for down. Gate and up
     must share LoRA A. Non-expert modules keep their 2-D names.
     """
-    family = adapter.family
-    if family.experts is None:
-        raise FormatError(f"family {family.name!r} has no routed experts; use 'vllm_2d' or 'peft'")
-    rules = family.experts
-    experts, rest = _expert_modules(adapter)
-    out = {_name(m, side): t for m, (a, b) in rest.items() for side, t in (("lora_A", a), ("lora_B", b))}
+    rules, experts, out = _split_routed_experts(adapter)
     for prefix, by_expert in experts.items():
         gate_a, gate_b, up_b, down_a, down_b = [], [], [], [], []
         for expert in range(adapter.num_experts):
@@ -212,6 +207,17 @@ def to_vllm_3d(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
     return out
 
 
+def _split_routed_experts(adapter: LoraAdapter) -> tuple[Any, dict, dict[str, torch.Tensor]]:
+    """The family's expert rules, the routed experts' LoRA by layer prefix, and every other module's
+    tensors under their 2-D names (the part the fused expert formats leave as it is)."""
+    family = adapter.family
+    if family.experts is None:
+        raise FormatError(f"family {family.name!r} has no routed experts; use 'vllm_2d' or 'peft'")
+    experts, rest = _expert_modules(adapter)
+    out = {_name(m, side): t for m, (a, b) in rest.items() for side, t in (("lora_A", a), ("lora_B", b))}
+    return family.experts, experts, out
+
+
 def _stack_a(per_expert: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(per_expert).reshape(-1, per_expert[0].shape[-1])  # (E*r, in), expert-major
 
@@ -227,12 +233,7 @@ def to_vllm_shared_outer(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
     ``w1``/``w3`` (gate/up) LoRA A and ``w2`` (down) LoRA B must be equal across experts; they are
     stored once with expert dim 1. The other factors are stacked ``(E, ...)``.
     """
-    family = adapter.family
-    if family.experts is None:
-        raise FormatError(f"family {family.name!r} has no routed experts; use 'vllm_2d' or 'peft'")
-    rules = family.experts
-    experts, rest = _expert_modules(adapter)
-    out = {_name(m, side): t for m, (a, b) in rest.items() for side, t in (("lora_A", a), ("lora_B", b))}
+    rules, experts, out = _split_routed_experts(adapter)
     for prefix, by_expert in experts.items():
         for slot, proj, shared_side in (("w1", rules.gate, 0), ("w3", rules.up, 0), ("w2", rules.down, 1)):
             pairs = [by_expert[e].get(proj) for e in range(adapter.num_experts)]
