@@ -358,17 +358,9 @@ class PatchRegistry:
         spec = record.spec
         if isinstance(record.owner, type):
             return  # methods are looked up through the class; no module holds a copy worth rebinding
-        original = record.original
-        top = spec.target.split(".")[0] + "."
-        for module_name, module in list(sys.modules.items()):
-            if module is None or module_name == spec.target or not module_name.startswith(top):
-                continue
-            module_dict = getattr(module, "__dict__", None)
-            if not module_dict:
-                continue
-            for attr, value in list(module_dict.items()):
-                if value is original:
-                    self._rebind(record, module_name, attr)
+        for module_name, attr in _copies_in_package(spec.target, record.original):
+            if module_name != spec.target:
+                self._rebind(record, module_name, attr)
         for alias in spec.aliases:
             module_name, _, attr = alias.partition(":")
             if module_name in sys.modules:
@@ -445,12 +437,7 @@ class PatchRegistry:
         places = {(r.module, r.name) for r in record.rebinds}
         places.update(tuple(alias.split(":", 1)) for alias in record.spec.aliases)
         if not isinstance(record.owner, type):
-            top = record.spec.target.split(".")[0] + "."
-            for module_name, module in list(sys.modules.items()):
-                if module_name.startswith(top) and module is not None:
-                    for attr, value in list(getattr(module, "__dict__", {}).items()):
-                        if value is record.patched:
-                            places.add((module_name, attr))
+            places.update(_copies_in_package(record.spec.target, record.patched))
         for module_name, attr in places:
             module = sys.modules.get(module_name)
             if module is not None and getattr(module, attr, None) is record.patched:
@@ -533,6 +520,19 @@ class PatchRegistry:
                 listener(self)
             except Exception:  # a status file that cannot be written must not break the host
                 logger.exception("moe-lora-plugins: status listener failed")
+
+
+def _copies_in_package(target: str, obj: Any) -> list[tuple[str, str]]:
+    """``(module, attribute)`` of every imported module under ``target``'s top-level package holding ``obj``."""
+    top = target.split(".")[0] + "."
+    found = []
+    for module_name, module in list(sys.modules.items()):
+        if module is None or not module_name.startswith(top):
+            continue
+        for attr, value in list(getattr(module, "__dict__", {}).items()):
+            if value is obj:
+                found.append((module_name, attr))
+    return found
 
 
 def _build_patched(spec: PatchSpec, raw: Any, implementation: Callable[..., Any]) -> Any:
