@@ -84,6 +84,8 @@ def _timed_once(built: Any, kind: str) -> tuple[float, int, int, int]:
     import torch
 
     torch.cuda.synchronize()
+    if torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier()  # every rank starts together: no rank's lateness lands in the other's time
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -125,7 +127,27 @@ def _broadcast_gbps(size_bytes: int = 2**30, iters: int = 5) -> float | None:
     return size_bytes * iters / (time.perf_counter() - start) / 1e9
 
 
-def bench_rank(layout: ParallelLayout, iters: int) -> dict[str, Any]:
+def _profile(built: Any, kind: str, top: int = 25) -> str:
+    """cProfile of one export (the tensors are consumed as in the timed rounds), top functions by own time."""
+    import cProfile
+    import io
+    import pstats
+
+    import torch
+
+    profiler = cProfile.Profile()
+    torch.cuda.synchronize()
+    profiler.enable()
+    for item in _stream(built, kind):
+        item[1].numel()
+    torch.cuda.synchronize()
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
+    return text.getvalue()
+
+
+def bench_rank(layout: ParallelLayout, iters: int, profile: bool = False) -> dict[str, Any]:
     import torch
 
     import moe_lora_plugins
@@ -167,6 +189,16 @@ def bench_rank(layout: ParallelLayout, iters: int) -> dict[str, Any]:
                 enter(phase)
                 samples[f"{phase}/{kind}"].append(_timed_once(built, kind))
     result["timings"] = {key: _summary(value) for key, value in samples.items()}
+    for key, value in samples.items():  # every timed round emitted what its checked pass emitted
+        checked = result["fingerprints"][key.replace("patched-noaudit", "patched")]
+        counts = {count for _, _, count, _ in value}
+        if counts != {len(checked)}:
+            raise RuntimeError(f"{key}: timed rounds emitted {sorted(counts)} tensors, the checked pass {len(checked)}")
+    if profile:
+        result["profiles"] = {}
+        for phase in ("upstream", "patched"):
+            enter(phase)
+            result["profiles"][f"{phase}/merged"] = _profile(built, "merged")
     return result
 
 
@@ -175,13 +207,14 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--layouts", default="world1,ep2")
+    parser.add_argument("--profile", action="store_true", help="add a cProfile of one merged export per phase")
     args = parser.parse_args()
     layouts = {"world1": ParallelLayout(), "ep2": ParallelLayout(ep=2)}
     report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     for label in args.layouts.split(","):
         layout = layouts[label]
         t0 = time.perf_counter()
-        report[label] = run_distributed(bench_rank, layout.world_size, (layout, args.iters), backend="nccl",
+        report[label] = run_distributed(bench_rank, layout.world_size, (layout, args.iters, args.profile), backend="nccl",
                                         timeout_s=500)
         print(f"{label}: {time.perf_counter() - t0:.1f} s", flush=True)
         Path(args.out).write_text(json.dumps(report))

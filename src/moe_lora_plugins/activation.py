@@ -185,10 +185,11 @@ def activate(
 
 
 def deactivate() -> None:
-    """Revert every patch and forget the activation (tests, and hosts that need a clean process)."""
+    """Revert every patch and forget the activation (tests, benchmarks, hosts that need a clean
+    process); a later :func:`activate` applies every enabled patch again."""
     global _state, _pm
     with _lock:
         if _registry is not None:
-            _registry.revert_all()
+            _registry.reset()
         _state = None
         _pm = None

@@ -447,6 +447,13 @@ class PatchRegistry:
         for patch_id in list(self._records):
             self.revert(patch_id)
 
+    def reset(self) -> None:
+        """Revert every patch and forget every status, so that the next activation applies afresh."""
+        with self._lock:
+            self.revert_all()
+            for record in self._records.values():
+                self._set(record, PatchStatus.NOT_ACTIVATED, "deactivated")
+
     # -- reporting -----------------------------------------------------------------------------
 
     def _is_overwritten(self, record: PatchRecord) -> bool:

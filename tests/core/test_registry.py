@@ -42,6 +42,26 @@ def test_patched_calls_change_results_and_revert_restores_every_shape(site):
     assert result["inherited_after"] is False  # reverted with delattr, not by copying Base's method in
 
 
+def test_activate_after_deactivate_applies_every_patch_again(site):
+    result, proc = run_python(
+        """
+        import json, moe_lora_plugins
+        from moe_lora_plugins.activation import get_registry
+        import moelora_fixture_target.core as t
+        rounds = []
+        for _ in range(3):
+            moe_lora_plugins.activate()
+            rounds.append([t.compute(1), t.Child().scale(2), get_registry().status("fixture.compute").value])
+            moe_lora_plugins.deactivate()
+            rounds.append([t.compute(1), t.Child().scale(2), get_registry().status("fixture.compute").value])
+        print("RESULT " + json.dumps(rounds))
+        """,
+        site=site,
+    )
+    assert result, proc.stderr
+    assert result == [[12, 6, "applied"], [2, 4, "not-activated"]] * 3
+
+
 def test_declared_alias_imported_later_is_rebound(site):
     result, proc = run_python(
         """

@@ -10,10 +10,13 @@ from hypothesis import strategies as st
 from moe_lora_plugins.testing.distributed import run_distributed
 from moe_lora_plugins.topology.ep_gather import (
     EPGatherError,
+    flat_layout,
+    pack_flat,
     pack_tensors,
     packed_nbytes,
     plan_ep_gather,
     tensor_meta,
+    unpack_flat,
     unpack_tensors,
 )
 
@@ -89,3 +92,24 @@ def test_gloo_gather_gives_every_rank_every_expert_once_and_keeps_the_tuple_shap
                 assert torch.equal(item[1], torch.full((2, 3), float(expert)))
                 if three_tuples:
                     assert item[2] == f"megatron:{item[0]}"
+
+
+@given(st.lists(st.lists(st.integers(1, 5), min_size=0, max_size=3), min_size=1, max_size=6))
+def test_a_flat_buffer_gives_back_every_tensor_bitwise_as_a_view(shapes):
+    tensors = [torch.randn(shape, dtype=torch.float64).to(torch.bfloat16) for shape in shapes]
+    layout = flat_layout(tensors)
+    flat = pack_flat(tensors)
+    assert flat.numel() == layout.numel == sum(t.numel() for t in tensors)
+    back = unpack_flat(flat, layout)
+    for original, restored in zip(tensors, back, strict=True):
+        assert restored.shape == original.shape and restored.dtype == original.dtype
+        assert torch.equal(restored.view(torch.int16), original.view(torch.int16))
+        assert restored.data_ptr() >= flat.data_ptr()  # a view of the buffer, not a copy
+
+
+def test_a_flat_layout_refuses_mixed_dtypes_and_a_buffer_of_the_wrong_size():
+    with pytest.raises(EPGatherError, match=r"one dtype, got \['torch.bfloat16', 'torch.float32'\]"):
+        flat_layout([torch.zeros(2), torch.zeros(2, dtype=torch.bfloat16)])
+    layout = flat_layout([torch.zeros(2, 3)])
+    with pytest.raises(EPGatherError, match="holds 5 elements, the layout needs 6"):
+        unpack_flat(torch.zeros(5), layout)

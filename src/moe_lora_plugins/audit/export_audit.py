@@ -4,11 +4,13 @@
 raises :class:`ExportAuditError` naming every duplicate, every expert missing from a group
 ``...experts.{0..E-1}.<projection>``, every layer missing from ``0..L-1``, and every tensor whose
 shape differs from the shape expected for it (given explicitly, or shared by the other experts of
-its group). It keeps only names and shapes, so it costs a regex match and a dict update per item.
+its group). It keeps only names and shapes, so it costs a few dict updates per item (names are parsed once per
+process, since every export repeats them).
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Mapping
@@ -19,6 +21,17 @@ from moe_lora_plugins.errors import MoeLoraError
 
 _HF_EXPERT = re.compile(r"(\.experts\.)(\d+)(\.)")
 _HF_LAYER = re.compile(r"(?<![A-Za-z0-9_])(layers\.)(\d+)(\.)")
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _parse(name: str) -> tuple[int | None, tuple[int, str] | None]:
+    """``(layer, (expert, group pattern))`` of an HF name; cached, since every export repeats its names."""
+    layer = _HF_LAYER.search(name)
+    expert = _HF_EXPERT.search(name)
+    return (
+        int(layer.group(2)) if layer is not None else None,
+        (int(expert.group(2)), name[: expert.start(2)] + "*" + name[expert.end(2):]) if expert is not None else None,
+    )
 
 
 class ExportAuditError(MoeLoraError, AssertionError):
@@ -73,14 +86,12 @@ class ExportAudit:
         self._shapes[name] = shape
         self.report.tensors += 1
         self.report.nbytes += tensor.numel() * tensor.element_size()
-        layer = _HF_LAYER.search(name)
+        layer, expert = _parse(name)
         if layer is not None:
-            self.report.layers.add(int(layer.group(2)))
-        expert = _HF_EXPERT.search(name)
+            self.report.layers.add(layer)
         if expert is not None:
-            index = int(expert.group(2))
+            index, group = expert
             self.report.experts.add(index)
-            group = name[: expert.start(2)] + "*" + name[expert.end(2):]
             self._groups[group][index] = shape
 
     def problems(self) -> list[str]:

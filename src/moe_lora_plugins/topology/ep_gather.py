@@ -77,13 +77,19 @@ def _padded(nbytes: int) -> int:
     return -(-nbytes // _ALIGN) * _ALIGN
 
 
-def _nbytes(shape: tuple[int, ...], dtype: str) -> int:
-    import torch
+_ITEMSIZE: dict[str, int] = {}
 
+
+def _nbytes(shape: tuple[int, ...], dtype: str) -> int:
+    itemsize = _ITEMSIZE.get(dtype)
+    if itemsize is None:
+        import torch
+
+        itemsize = _ITEMSIZE[dtype] = getattr(torch, dtype).itemsize
     numel = 1
     for size in shape:
         numel *= size
-    return numel * torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    return numel * itemsize
 
 
 def tensor_meta(name: str, tensor: Any) -> TensorMeta:
@@ -126,3 +132,39 @@ def unpack_tensors(flat: Any, metas: Sequence[TensorMeta]) -> list[tuple[str, An
     if offset > flat.numel():
         raise EPGatherError(f"packed buffer holds {flat.numel()} bytes, the metadata needs {offset}")
     return out
+
+
+@dataclass(frozen=True)
+class FlatLayout:
+    """Where each of a list of same-dtype tensors lies in one flat buffer of that dtype (no padding)."""
+
+    shapes: tuple[tuple[int, ...], ...]
+    numels: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return sum(self.numels)
+
+
+def flat_layout(tensors: Sequence[Any]) -> FlatLayout:
+    """The :class:`FlatLayout` of ``tensors``; they must share one dtype (say which do not)."""
+    dtypes = {tensor.dtype for tensor in tensors}
+    if len(dtypes) > 1:
+        raise EPGatherError(
+            f"a flat layout needs one dtype, got {sorted(map(str, dtypes))}: group the tensors by dtype first"
+        )
+    return FlatLayout(tuple(tuple(t.shape) for t in tensors), tuple(t.numel() for t in tensors))
+
+
+def pack_flat(tensors: Sequence[Any]) -> Any:
+    """The elements of same-dtype ``tensors`` back to back in one 1-D tensor (one copy kernel)."""
+    import torch
+
+    return torch.cat([tensor.detach().reshape(-1) for tensor in tensors])
+
+
+def unpack_flat(flat: Any, layout: FlatLayout) -> list[Any]:
+    """Inverse of :func:`pack_flat`: views of ``flat`` shaped as ``layout`` says (no copies)."""
+    if flat.numel() != layout.numel:
+        raise EPGatherError(f"flat buffer holds {flat.numel()} elements, the layout needs {layout.numel}")
+    return [part.view(shape) for part, shape in zip(flat.split(layout.numels), layout.shapes, strict=True)]

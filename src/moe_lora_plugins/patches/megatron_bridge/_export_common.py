@@ -185,6 +185,10 @@ def gather_expert_items(items: list[Any], group: Any) -> list[Any]:
 
 # Expert adapters of every EP rank, gathered once per merged export (see prefetch_expert_adapters).
 _prefetched: weakref.WeakKeyDictionary[Any, dict[tuple[int, str], list[Any]]] = weakref.WeakKeyDictionary()
+# Per model: the SequentialMLP expert adapter parameters, as ((vp_stage, local name), parameter) pairs.
+_expert_adapter_params: weakref.WeakKeyDictionary[Any, list[tuple[tuple[int, str], Any]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _local_name(name: str) -> str:
@@ -193,18 +197,34 @@ def _local_name(name: str) -> str:
     return name
 
 
+def _expert_adapters(chunks: list[Any]) -> list[tuple[tuple[int, str], Any]]:
+    """The model's expert adapter parameters, found once per model (a walk of every parameter)."""
+    found = _expert_adapter_params.get(chunks[0])
+    if found is None:
+        found = [
+            ((vp_stage, _local_name(name)), param)
+            for vp_stage, chunk in enumerate(chunks)
+            for name, param in chunk.named_parameters()
+            if ".local_experts." in name and ".adapter." in name
+        ]
+        _expert_adapter_params[chunks[0]] = found
+    return found
+
+
 def prefetch_expert_adapters(models: Any) -> bool:
     """Gather every SequentialMLP expert adapter of every EP rank in one ``all_gather``, for the merge.
 
     Only where the merge's adapters are the plain local parameters: EP > 1, PP = 1 (every task is
     local, so local names identify them) and expert-TP = 1 (no shards). Returns whether it did; the
     merge falls back to one small gather per expert otherwise. :func:`drop_prefetched` frees it.
+    The tensors travel as one flat buffer per dtype; this rank's entries are its own parameters
+    (the gather would return the same bits), the other ranks' are views of the received buffer.
     """
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from moe_lora_plugins.topology.ep_gather import pack_tensors, tensor_meta, unpack_tensors
+    from moe_lora_plugins.topology.ep_gather import flat_layout, pack_flat, unpack_flat
 
     chunks = model_list(models)
     group, size = ep_group_and_size(models)
@@ -212,20 +232,25 @@ def prefetch_expert_adapters(models: Any) -> bool:
         return False
     if parallel_state.get_expert_tensor_parallel_world_size() != 1:
         return False
-    keys, tensors = [], []
-    for vp_stage, chunk in enumerate(chunks):
-        for name, param in chunk.named_parameters():
-            if ".local_experts." in name and ".adapter." in name:
-                keys.append((vp_stage, _local_name(name)))
-                tensors.append(param.detach())
-    if not tensors:
+    params = _expert_adapters(chunks)
+    if not params:
         return False
-    flat = pack_tensors(tensors)
-    gathered = torch.empty(size * flat.numel(), dtype=flat.dtype, device=flat.device)
-    dist.all_gather_into_tensor(gathered, flat, group=group)
-    metas = [tensor_meta(str(i), t) for i, t in enumerate(tensors)]
-    per_rank = [unpack_tensors(buffer, metas) for buffer in gathered.chunk(size)]
-    _prefetched[chunks[0]] = {key: [rank[i][1] for rank in per_rank] for i, key in enumerate(keys)}
+    rank = dist.get_rank(group)
+    table: dict[tuple[int, str], list[Any]] = {key: [None] * size for key, _ in params}
+    by_dtype: dict[Any, list[tuple[tuple[int, str], Any]]] = {}
+    for key, param in params:
+        by_dtype.setdefault(param.dtype, []).append((key, param))
+    for same_dtype in by_dtype.values():
+        tensors = [param.detach() for _, param in same_dtype]
+        layout = flat_layout(tensors)
+        flat = pack_flat(tensors)
+        gathered = torch.empty(size * flat.numel(), dtype=flat.dtype, device=flat.device)
+        dist.all_gather_into_tensor(gathered, flat, group=group)
+        for owner, buffer in enumerate(gathered.chunk(size)):
+            views = tensors if owner == rank else unpack_flat(buffer, layout)
+            for (key, _), tensor in zip(same_dtype, views, strict=True):
+                table[key][owner] = tensor
+    _prefetched[chunks[0]] = table
     return True
 
 
