@@ -41,14 +41,15 @@ def moe_model(tmp_path_factory: pytest.TempPathFactory) -> tiny_models.TinyModel
     return tiny_models.build_tiny_model(str(tmp_path_factory.mktemp("qwen3-moe")), moe=True)
 
 
-def start_engine(model: tiny_models.TinyModel, max_loras: int = 3) -> Any:
+def start_engine(model: tiny_models.TinyModel, max_loras: int = 3, **options: Any) -> Any:
     from vllm import LLM
 
-    return LLM(
-        model=model.path, enable_lora=True, max_lora_rank=MAX_LORA_RANK, max_loras=max_loras, max_cpu_loras=max_loras + 2, dtype="float32",
-        max_model_len=128, enforce_eager=True, max_num_seqs=4, kv_cache_memory_bytes=64 << 20,
-        worker_extension_cls=EXTENSION,
+    settings: dict[str, Any] = dict(
+        model=model.path, enable_lora=True, max_lora_rank=MAX_LORA_RANK, max_loras=max_loras,
+        max_cpu_loras=max_loras + 2, dtype="float32", max_model_len=128, enforce_eager=True, max_num_seqs=4,
+        kv_cache_memory_bytes=64 << 20, worker_extension_cls=EXTENSION,
     )
+    return LLM(**{**settings, **options})
 
 
 def stop_engine(llm: Any) -> None:
@@ -101,9 +102,12 @@ class SyncOutcome:
 def sync_adapter(
     llm: Any, tmp_path: Any, name: str, lora_int_id: int, tensors: dict[str, Any], config: dict[str, Any], *,
     stages: list[list[int]] = ([0], [1]), version: int = 1, bucket_bytes: int = 8192, fault: str | None = None,
-    sender_options: dict[str, Any] | None = None,
+    sender_options: dict[str, Any] | None = None, receive: Any = None,
 ) -> SyncOutcome:
-    """Send ``tensors`` from one real process per pipeline stage to the engine's worker over gloo."""
+    """Send ``tensors`` from one real process per pipeline stage to the engine's worker over gloo.
+
+    ``receive(name, lora_int_id, senders, version)`` runs the engine side (default: the bare
+    ``moelora_receive_adapter`` RPC, first worker's report)."""
     from safetensors.torch import save_file
 
     adapter_file = os.path.join(str(tmp_path), f"{name}-v{version}.safetensors")
@@ -123,8 +127,11 @@ def sync_adapter(
     report, error = None, None
     try:
         llm.collective_rpc("moelora_init_sync_group", args=("127.0.0.1", port, 0, world, "gloo", 30))
-        report = llm.collective_rpc("moelora_receive_adapter", args=(name, lora_int_id, list(range(1, world)),
-                                                                     version))[0]
+        if receive is None:
+            report = llm.collective_rpc("moelora_receive_adapter", args=(name, lora_int_id, list(range(1, world)),
+                                                                         version))[0]
+        else:
+            report = receive(name, lora_int_id, list(range(1, world)), version)
     except Exception as exc:  # the test inspects it
         error = exc
     finally:

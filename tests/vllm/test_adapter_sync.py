@@ -208,3 +208,4 @@ def test_synced_adapter_matches_hugging_face_with_peft(engine, served, dense_mod
     synced = policy_generation(engine)
     reference = peft_reference_logprobs(dense_model, served["dir"], PROMPTS, synced.tokens)
     assert max_abs_diff(synced.logprobs, reference) < 1e-4
+

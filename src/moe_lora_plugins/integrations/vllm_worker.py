@@ -9,9 +9,13 @@ and CPU MoE-LoRA patches there.
 One sync, engine side (workers take group ranks 0..W-1, trainer senders W..W+S-1)::
 
     engine.collective_rpc("moelora_init_sync_group", args=(host, port, 0, W + S))   # once
-    async with paused_generation(engine):
-        engine.collective_rpc("moelora_receive_adapter", args=("policy", 1, [W, ..., W + S - 1], step))
+    async with paused_generation(engine):                                          # AsyncLLM
+        await engine.collective_rpc("moelora_receive_adapter", args=("policy", 1, [W, ..., W + S - 1], step))
+    receive_adapter(llm, "policy", 1, [W, ..., W + S - 1], step)                     # or an offline LLM
     # requests name it with lora_request("policy", 1)
+
+Both forms drop vLLM's prefix cache with the swap: an in-place swap keeps the adapter's name and
+path, which is all vLLM hashes, so a cached prompt would otherwise reuse KV of the old adapter.
 
 and on each trainer sender (one per pipeline stage)::
 
@@ -220,6 +224,37 @@ def _announce(name: str, lora_int_id: int, version: int, nbytes: int) -> None:
     )
 
 
+def receive_adapter(llm: Any, name: str, lora_int_id: int, senders: Sequence[int],
+                    version: int | None = None) -> dict[str, Any]:
+    """One sync into an offline ``vllm.LLM``: receive, validate and swap on every worker, then drop
+    the prefix cache.
+
+    vLLM keys cached KV blocks by the request's LoRA name and path, which an in-place swap keeps, so
+    without the reset a prompt seen before the sync would reuse KV computed with the old adapter.
+    (An ``AsyncLLM`` is covered by :func:`paused_generation`, which clears the cache while paused.)
+    Returns the first worker's report.
+    """
+    report = llm.collective_rpc("moelora_receive_adapter", args=(name, lora_int_id, list(senders), version))[0]
+    _reset_prefix_cache(llm, name)
+    return report
+
+
+def load_adapter_dir(llm: Any, name: str, lora_int_id: int, path: str, version: int = 0) -> dict[str, Any]:
+    """The disk fallback into an offline ``vllm.LLM``, with the same prefix-cache reset as :func:`receive_adapter`."""
+    report = llm.collective_rpc("moelora_load_adapter_dir", args=(name, lora_int_id, path, version))[0]
+    _reset_prefix_cache(llm, name)
+    return report
+
+
+def _reset_prefix_cache(llm: Any, name: str) -> None:
+    if llm.reset_prefix_cache() is False:
+        raise RuntimeError(
+            f"adapter {name!r} was swapped in, but vLLM refused to reset its prefix cache (requests were running), "
+            "so prompts cached before the swap could reuse KV of the old adapter. Swap between generate() calls, "
+            "or use paused_generation() with an AsyncLLM."
+        )
+
+
 def lora_request(name: str, lora_int_id: int) -> Any:
     """The ``LoRARequest`` that generation requests use to name a synced adapter."""
     from vllm.lora.request import LoRARequest
@@ -260,5 +295,7 @@ async def paused_generation(engine: Any, *, abort_in_flight: bool = False) -> As
     await engine.pause_generation(**kwargs)
     try:
         yield
+        if "clear_cache" not in kwargs:  # this vLLM does not clear it on pause: KV of the old adapter stays
+            await engine.reset_prefix_cache()
     finally:
         await engine.resume_generation()
