@@ -57,12 +57,22 @@ def _distinct_bytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(seen.values())
 
 
+def _on_device(adapter: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
+    """The adapter moved to ``device`` keeping its sharing (one copy per distinct tensor)."""
+    moved: dict[int, torch.Tensor] = {}
+    return {name: moved.setdefault(id(t), t.to(device)) for name, t in adapter.items()}
+
+
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace, result_path: str) -> None:
     if args.profile:
         import cProfile
+        import pstats
 
-        cProfile.runctx("_sync(rank, world, port, args, result_path)", globals(), locals(),
-                        f"{result_path}.rank{rank}.prof")
+        profile = f"{result_path}.rank{rank}.prof"
+        cProfile.runctx("_sync(rank, world, port, args, result_path)", globals(), locals(), profile)
+        with open(f"{profile}.txt", "w") as fh:
+            for order in ("tottime", "cumulative"):
+                pstats.Stats(profile, stream=fh).sort_stats(order).print_stats(30)
     else:
         _sync(rank, world, port, args, result_path)
 
@@ -79,6 +89,8 @@ def _sync(rank: int, world: int, port: int, args: argparse.Namespace, result_pat
     senders = list(range(1, world))
     stages = world - 1
     adapter = make_adapter(args.layers, args.experts, args.rank)
+    if rank > 0 and args.pieces_on == "device":
+        adapter = _on_device(adapter, device)
     config = {"r": args.rank, "lora_alpha": 2 * args.rank,
               "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
     timings = []
@@ -101,6 +113,10 @@ def _sync(rank: int, world: int, port: int, args: argparse.Namespace, result_pat
         missing = sorted(set(adapter) - set(received.tensors))
         report = {
             "backend": args.backend,
+            "torch": torch.__version__,
+            "cpu_threads": torch.get_num_threads(),
+            "pieces_on": args.pieces_on,
+            "bucket_mib": args.bucket_mib,
             "device": torch.cuda.get_device_name(0) if args.backend == "nccl" else "cpu",
             "senders": stages,
             "tensors": len(adapter),
@@ -128,8 +144,10 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--bucket-mib", type=int, default=64)
+    parser.add_argument("--pieces-on", choices=["cpu", "device"], default="cpu",
+                        help="where the sender's adapter tensors live: the CPU, or the transport's device")
     parser.add_argument("--out", default="sync_report.json")
-    parser.add_argument("--profile", action="store_true", help="cProfile each rank into OUT.rankN.prof")
+    parser.add_argument("--profile", action="store_true", help="cProfile each rank into OUT.rankN.prof (+ .txt summary)")
     args = parser.parse_args()
     world = 1 + args.senders
     if args.backend == "nccl" and torch.cuda.device_count() < world:

@@ -1,10 +1,10 @@
 """Receiver-side assembly: buckets from several senders into one PEFT-named adapter on the CPU.
 
 Checks the protocol as buckets arrive (one version per sync, sequence numbers 0, 1, 2 ... per
-sender with no duplicate or gap, no piece twice), stages every tensor on the CPU, joins TP /
-expert-TP / EP shards along their dimension once all parts arrived, and expands compact
-shared-expert tensors to one name per expert without copying. ``finish`` refuses a sync whose
-senders have not all sent their end marker.
+sender with no duplicate or gap, no piece twice), stages each bucket on the CPU with one copy and
+files its tensors as views of it, joins TP / expert-TP / EP shards along their dimension once all
+parts arrived, and expands compact shared-expert tensors to one name per expert without copying.
+``finish`` refuses a sync whose senders have not all sent their end marker.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moe_lora_plugins.sync.errors import AdapterSyncError, IncompleteSyncError
-from moe_lora_plugins.sync.protocol import BucketHeader, Manifest, ManifestEntry, dtype_from_name
+from moe_lora_plugins.sync.protocol import BucketHeader, Manifest, ManifestEntry
+from moe_lora_plugins.sync.staging import host_payload, tensor_from_payload
 
 
 @dataclass
@@ -58,7 +59,11 @@ class AdapterAssembler:
         self.wire_bytes = 0
 
     def add_bucket(self, header: BucketHeader, manifest: Manifest, payload: Any) -> None:
-        """Take one bucket (or end marker); ``payload`` is a flat uint8 tensor of ``header.payload_nbytes``."""
+        """Take one bucket (or end marker); ``payload`` is a flat uint8 tensor of ``header.payload_nbytes``.
+
+        The assembler owns ``payload`` from here on: a CPU payload is kept and its tensors are views of it
+        (a GPU payload is copied to the CPU once), so the caller must not reuse or change it.
+        """
         state = self._check_header(header)
         if header.is_end:
             self._end(header, manifest, state)
@@ -68,7 +73,7 @@ class AdapterAssembler:
                 f"sender {header.sender} bucket {header.seq}: payload has {int(payload.numel())} bytes, the header "
                 f"announced {header.payload_nbytes}"
             )
-        payload = payload.cpu()
+        payload = host_payload(payload)
         for entry in manifest.entries:
             self._stage(header, entry, payload)
         state.next_seq += 1
@@ -119,14 +124,7 @@ class AdapterAssembler:
         state.ended = True
 
     def _stage(self, header: BucketHeader, entry: ManifestEntry, payload: Any) -> None:
-        end = entry.offset + entry.nbytes
-        if entry.offset < 0 or end > int(payload.numel()):
-            raise AdapterSyncError(
-                f"sender {header.sender} bucket {header.seq}: {entry.name!r} claims bytes {entry.offset}..{end} "
-                f"of a {int(payload.numel())}-byte payload"
-            )
-        dtype = dtype_from_name(entry.dtype)
-        tensor = payload[entry.offset : end].clone().view(dtype).reshape(entry.shape)
+        tensor = tensor_from_payload(payload, entry, f"sender {header.sender} bucket {header.seq}")
         if entry.shard is None:
             for name in entry.names:
                 self._put(name, tensor, header)

@@ -3,7 +3,9 @@
 A sync is, per sender, a run of buckets with sequence numbers 0, 1, 2, ... followed by an end
 marker. Each bucket is three messages: a fixed-size int64 header, a JSON manifest (one entry per
 tensor piece: name, dtype, shape, byte offset, optional shard or shared-expert description) and
-one flat uint8 payload holding the pieces back to back, unpadded, so wire bytes equal tensor bytes.
+one flat uint8 payload holding the pieces back to back, each at an offset aligned to its element
+size (so the receiver can view it in place); a single-dtype adapter has no padding, and wire bytes
+equal tensor bytes.
 """
 
 from __future__ import annotations

@@ -22,10 +22,9 @@ from moe_lora_plugins.sync.protocol import (
     AdapterPiece,
     BucketHeader,
     Manifest,
-    ManifestEntry,
-    dtype_name,
     plan_buckets,
 )
+from moe_lora_plugins.sync.staging import bucket_layout, pack_payload
 
 DEFAULT_BUCKET_BYTES = 64 << 20
 
@@ -57,12 +56,6 @@ class SendReport:
     tensors: int
 
 
-def _as_bytes(tensor: Any) -> Any:
-    import torch
-
-    return tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-
-
 def _send(group: Any, tensor: Any, dst: int) -> None:
     group.send([tensor], dst, 0).wait()
 
@@ -72,17 +65,9 @@ def _recv(group: Any, tensor: Any, src: int) -> None:
 
 
 def pack_bucket(pieces: Sequence[AdapterPiece], device: Any = "cpu") -> tuple[Manifest, Any]:
-    """The manifest and the flat, unpadded uint8 payload of one bucket."""
-    import torch
-
-    entries, chunks, offset = [], [], 0
-    for piece in pieces:
-        entries.append(ManifestEntry(piece.name, dtype_name(piece.tensor.dtype), tuple(piece.tensor.shape),
-                                     offset, piece.nbytes, piece.shard, tuple(piece.experts), tuple(piece.aliases)))
-        chunks.append(_as_bytes(piece.tensor).to(device))
-        offset += piece.nbytes
-    payload = torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.uint8, device=device)
-    return Manifest(entries), payload
+    """The manifest and the flat uint8 payload of one bucket, filled on ``device`` (see ``staging``)."""
+    entries, nbytes = bucket_layout(pieces)
+    return Manifest(entries), pack_payload(pieces, entries, nbytes, device)
 
 
 def send_adapter(
@@ -102,7 +87,10 @@ def send_adapter(
     ``sender`` numbers the senders of one sync 0..S-1 (for example the pipeline stage); ``version``
     is the sync's sequence number (the training step). ``config`` is the PEFT adapter config (r,
     lora_alpha, target_modules, ...); every sender that passes one must pass the same. With
-    ``wait_for_ack`` it returns once every receiver confirmed the buckets it received.
+    ``wait_for_ack`` it returns once every receiver confirmed the buckets it received. Each bucket is
+    filled on ``device`` with one queued copy per piece (see ``staging``); the pieces may change once
+    this returns. A bucket exceeds ``bucket_bytes`` only by alignment padding (less than one element
+    per piece, none for a single-dtype adapter) or when a single piece is larger.
     """
     import torch
 
@@ -128,6 +116,8 @@ def send_adapter(
                     f"receiver at group rank {src} acknowledged {int(ack.item())} bucket(s) of sender {sender}, "
                     f"{len(buckets)} were sent"
                 )
+    if torch.device(device).type == "cuda":
+        torch.cuda.current_stream(device).synchronize()  # pinned pieces are read by queued copies
     return SendReport(sender, len(buckets), total, len(pieces))
 
 

@@ -1,0 +1,100 @@
+"""Per-bucket staging of an adapter sync: pieces into one flat payload, one payload back into tensors.
+
+The sender lays a bucket's pieces out back to back (each at an offset aligned to its element size,
+so a single-dtype adapter needs no padding) and fills one payload on the transport's device with
+queued copies: no host synchronisation per piece. The receiver brings a payload to the CPU with
+one copy and files every tensor as a view of it: no copy, no device synchronisation per tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from moe_lora_plugins.sync.errors import AdapterSyncError
+from moe_lora_plugins.sync.protocol import AdapterPiece, ManifestEntry, dtype_from_name, dtype_name
+
+
+def aligned(offset: int, alignment: int) -> int:
+    """The first offset at or after ``offset`` that is a multiple of ``alignment``."""
+    return -(-offset // alignment) * alignment
+
+
+def bucket_layout(pieces: Sequence[AdapterPiece]) -> tuple[list[ManifestEntry], int]:
+    """Manifest entries of one bucket and its payload size: each piece at an offset aligned to its element
+    size (padding only where a piece of a smaller element size leaves the offset unaligned)."""
+    entries, offset = [], 0
+    for piece in pieces:
+        offset = aligned(offset, piece.tensor.element_size())
+        entries.append(ManifestEntry(piece.name, dtype_name(piece.tensor.dtype), tuple(piece.tensor.shape), offset,
+                                     piece.nbytes, piece.shard, tuple(piece.experts), tuple(piece.aliases)))
+        offset += piece.nbytes
+    return entries, offset
+
+
+def as_bytes(tensor: Any) -> Any:
+    """A flat uint8 view of ``tensor``'s data (a contiguous copy first if it is not contiguous)."""
+    import torch
+
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def _staging_device(pieces: Sequence[AdapterPiece], device: Any) -> Any:
+    """Where to fill the payload: ``device``, or for a CPU payload of GPU-resident pieces their GPU (one
+    device-to-host copy of the whole bucket instead of one per piece)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cpu":
+        return device
+    gpu = next((p.tensor.device for p in pieces if p.tensor.device.type != "cpu"), None)
+    return gpu if gpu is not None else device
+
+
+def pack_payload(pieces: Sequence[AdapterPiece], entries: Sequence[ManifestEntry], nbytes: int, device: Any) -> Any:
+    """One flat uint8 payload of ``nbytes`` on ``device`` holding every piece at its entry's offset.
+
+    On a GPU the copies are queued on the current stream (host-to-device copies of pageable memory are
+    staged by the driver, so the pieces may change once this returns); anything queued after them on
+    that stream, such as an NCCL send, sees the complete payload. Padding bytes are zero.
+    """
+    import torch
+
+    stage_on = _staging_device(pieces, device)
+    payload = torch.empty(nbytes, dtype=torch.uint8, device=stage_on)
+    asynchronous = stage_on.type == "cuda"
+    filled = 0
+    for piece, entry in zip(pieces, entries, strict=True):
+        if entry.offset > filled:
+            payload[filled:entry.offset].zero_()
+        payload[entry.offset:entry.offset + entry.nbytes].copy_(as_bytes(piece.tensor), non_blocking=asynchronous)
+        filled = entry.offset + entry.nbytes
+    return payload.to(device)
+
+
+def host_payload(payload: Any) -> Any:
+    """The received payload on the CPU: itself, or one blocking device-to-host copy of the whole bucket."""
+    return payload if payload.device.type == "cpu" else payload.cpu()
+
+
+def tensor_from_payload(payload: Any, entry: ManifestEntry, where: str) -> Any:
+    """The tensor ``entry`` describes, as a view of the CPU ``payload`` (a copy only where an older
+    sender left its offset unaligned for its dtype). ``where`` names the bucket in errors."""
+    import math
+
+    dtype = dtype_from_name(entry.dtype)
+    itemsize = dtype.itemsize
+    end = entry.offset + entry.nbytes
+    if entry.offset < 0 or end > int(payload.numel()):
+        raise AdapterSyncError(
+            f"{where}: {entry.name!r} claims bytes {entry.offset}..{end} of a {int(payload.numel())}-byte payload"
+        )
+    if entry.nbytes != math.prod(entry.shape) * itemsize:
+        raise AdapterSyncError(
+            f"{where}: {entry.name!r} announces {entry.nbytes} bytes, but shape {list(entry.shape)} of {entry.dtype} "
+            f"needs {math.prod(entry.shape) * itemsize}; the sender's manifest is corrupt"
+        )
+    raw = payload[entry.offset:end]
+    if entry.offset % itemsize:
+        raw = raw.clone()
+    return raw.view(dtype).reshape(entry.shape)
