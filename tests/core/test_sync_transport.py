@@ -100,6 +100,14 @@ def test_a_sender_that_dies_before_its_end_marker_gives_an_incomplete_sync():
 
 
 def test_export_streams_of_two_and_three_tuples_give_peft_names():
-    a, b = torch.ones(1), torch.zeros(1)
-    stream = [("m.layers.0.q_proj.lora_A.default.weight", a, "decoder.layers.0.x"), ("m.layers.0.q_proj.lora_B.weight", b)]
-    assert tensors_from_export(stream) == {"m.layers.0.q_proj.lora_A.weight": a, "m.layers.0.q_proj.lora_B.weight": b}
+    a, b, c = torch.ones(1), torch.zeros(1), torch.full((1,), 2.0)
+    stream = [
+        ("model.layers.0.self_attn.q_proj.lora_A.default.weight", a, "decoder.layers.0.self_attention.linear_qkv"),
+        ("model.layers.0.self_attn.q_proj.lora_B.weight", b),  # Megatron-Bridge's export_adapter_weights form
+        ("base_model.model.model.layers.0.mlp.experts.1.up_proj.lora_A.weight", c),  # already PEFT-named
+    ]
+    assert tensors_from_export(stream) == {
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": a,
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": b,
+        "base_model.model.model.layers.0.mlp.experts.1.up_proj.lora_A.weight": c,
+    }

@@ -23,15 +23,20 @@ _PEFT_ADAPTER_NAME = re.compile(r"\.(lora_[AB])\.[^.]+\.weight$")
 def tensors_from_export(stream: Iterable[tuple[Any, ...]]) -> dict[str, Any]:
     """``{peft_name: tensor}`` from an export stream of 2-tuples (upstream) or 3-tuples (slime/miles fork).
 
-    PEFT's per-adapter segment (``lora_A.default.weight``) is dropped: vLLM and the receiver use
-    ``lora_A.weight``.
+    Megatron-Bridge's ``export_adapter_weights`` names are HF module names (``model.layers.0.
+    self_attn.q_proj.lora_A.weight``); they get PEFT's ``base_model.model.`` prefix, which the
+    receiver and vLLM's loader expect. PEFT's per-adapter segment (``lora_A.default.weight``) is
+    dropped: vLLM and the receiver use ``lora_A.weight``.
     """
+    from moe_lora_plugins.lora.convert import PEFT_PREFIX
+
     out: dict[str, Any] = {}
     for item in stream:
         if len(item) not in (2, 3):
             raise ValueError(f"an export stream yields (name, tensor) or (name, tensor, megatron_name), got {len(item)} items")
         name, tensor = item[0], item[1]
-        out[_PEFT_ADAPTER_NAME.sub(r".\1.weight", name)] = tensor
+        name = _PEFT_ADAPTER_NAME.sub(r".\1.weight", name)
+        out[name if name.startswith(PEFT_PREFIX) else PEFT_PREFIX + name] = tensor
     return out
 
 
