@@ -68,9 +68,9 @@ def hf_sparse_fields(pattern: Sequence[int]) -> tuple[int, list[int]]:
     best: tuple[int, list[int]] | None = None
     for step in range(1, len(pattern) + 1):
         by_step = [int((i + 1) % step == 0) for i in range(len(pattern))]
-        if any(want and not got for want, got in zip(pattern, by_step)):
+        if any(want and not got for want, got in zip(pattern, by_step, strict=True)):
             continue  # mlp_only_layers can only turn MoE layers dense
-        dense = [i for i, (want, got) in enumerate(zip(pattern, by_step)) if got and not want]
+        dense = [i for i, (want, got) in enumerate(zip(pattern, by_step, strict=True)) if got and not want]
         if best is None or len(dense) < len(best[1]):
             best = (step, dense)
     assert best is not None  # step 1 always reproduces a pattern

@@ -156,7 +156,11 @@ def mappings_with_dense_mlp(wrapped: Any, instance: Any, args: tuple, kwargs: di
 
 def hf_config_with_dense_layers(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> dict:
     """Upstream's HF config dict, with ``decoder_sparse_step`` / ``mlp_only_layers`` of the provider's layers."""
-    from moe_lora_plugins.topology.moe_layers import has_dense_layers, hf_sparse_fields, megatron_moe_layer_pattern
+    from moe_lora_plugins.topology.moe_layers import (
+        has_dense_layers,
+        hf_sparse_fields,
+        megatron_moe_layer_pattern,
+    )
 
     hf_config = wrapped(*args, **kwargs)
     provider = args[0] if args else kwargs["provider"]
