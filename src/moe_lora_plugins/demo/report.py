@@ -242,6 +242,10 @@ class Reporter:
                       "(float32 Megatron vs vLLM CPU kernels; not 0 without the true-on-policy work, see docs/demo.md)")
         if summary.lora_kinds:
             self.line(f"  LoRA (from the synced adapter's tensors): {describe_lora_kinds(summary.lora_kinds)}")
+        syncs = summary.syncs()
+        if syncs and syncs[-1].engine_lora_kinds:
+            self.line(f"  LoRA vLLM holds (q/k/v and gate/up packed, experts one module per layer): "
+                      f"{describe_lora_kinds(syncs[-1].engine_lora_kinds)}")
         if summary.dense_mlp_engine_effect is not None:
             self.line(f"  dense-MLP LoRA in vLLM: zeroing its lora_B moves the engine's logprobs by "
                       f"{summary.dense_mlp_engine_effect:.2e}")
