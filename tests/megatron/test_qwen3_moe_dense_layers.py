@@ -127,6 +127,37 @@ def test_config_without_dense_layers_is_unchanged_by_the_patch():
     assert result["after"][0] == 1
 
 
+SPARSE_CASES = {  # HF config overrides -> (Megatron moe_layer_freq, HF decoder_sparse_step, mlp_only_layers back)
+    "mlp_only_layers=[0]": ({"mlp_only_layers": [0]}, [0, 1, 1, 1], 1, [0]),
+    "decoder_sparse_step=2": ({"decoder_sparse_step": 2}, [0, 1, 0, 1], 2, []),
+    "step 2 and mlp_only_layers=[3]": ({"decoder_sparse_step": 2, "mlp_only_layers": [3]}, [0, 1, 0, 0], 2, [3]),
+}
+
+
+def _provider_and_hf_config_fields() -> dict:
+    """One rank, patched: each HF config's provider moe_layer_freq and the HF fields written back from it."""
+    from moe_lora_plugins.testing.megatron_cpu import prepare_megatron_cpu
+
+    prepare_megatron_cpu()
+    from megatron.bridge import AutoBridge
+
+    import moe_lora_plugins
+
+    moe_lora_plugins.activate(role="trainer")
+    out = {}
+    for label, (overrides, *_) in SPARSE_CASES.items():
+        bridge = AutoBridge.from_hf_config(tiny_qwen3_moe_config(**overrides))
+        provider = bridge.to_megatron_provider(load_weights=False)
+        hf = bridge._model_bridge.megatron_to_hf_config(provider)
+        out[label] = (provider.moe_layer_freq, hf["decoder_sparse_step"], hf.get("mlp_only_layers"))
+    return out
+
+
+def test_sparse_step_and_mlp_only_layers_reach_megatron_and_come_back():
+    (got,) = run_distributed(_provider_and_hf_config_fields, 1)
+    assert got == {label: tuple(case[1:]) for label, case in SPARSE_CASES.items()}
+
+
 def _module_name(spec) -> str:
     """The class a ModuleSpec (or a functools.partial building one) stands for."""
     target = getattr(spec, "module", None) or getattr(spec, "func", spec)
