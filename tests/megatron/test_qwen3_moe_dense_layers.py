@@ -305,7 +305,8 @@ def test_peft_logits_equal_megatron_lora_logits_with_lora_on_the_dense_mlp(tmp_p
 # --- parallel exports with the dense layer equal world size 1 --------------------------------------
 
 KINDS = ("plain", "merged", "adapter", "peft")
-LAYOUTS = {"ep2": ParallelLayout(ep=2), "pp2-ep2": ParallelLayout(pp=2, ep=2)}
+LAYOUTS = {"ep2": ParallelLayout(ep=2), "pp2-ep2": ParallelLayout(pp=2, ep=2),
+           "pp2-vpp2": ParallelLayout(pp=2, vpp=2)}  # VPP: the block spec must pick each chunk's layers
 _exports: dict[str, list[dict]] = {}
 
 

@@ -20,8 +20,9 @@ from moe_lora_plugins.registry import PatchSpec
 _BRIDGE = "megatron.bridge.models.qwen.qwen3_moe_bridge"
 _VERIFIED = (
     "megatron-bridge 0.6.2 + megatron-core 0.19.2: CPU gloo, local spec, tiny Qwen3-MoE with "
-    "mlp_only_layers=[0]: HF -> Megatron -> HF bitwise, HF+PEFT logits = Megatron+LoRA logits, EP=2 and "
-    "PP=2xEP=2 exports = world size 1; the TE block spec is checked by construction only (no TE here)."
+    "mlp_only_layers=[0]: HF -> Megatron -> HF bitwise, HF+PEFT logits = Megatron+LoRA logits, EP=2, "
+    "PP=2xEP=2 and PP=2xVPP=2 exports = world size 1; for the TE specs only the block-spec call is checked "
+    "(no Transformer Engine here)."
 )
 _UPSTREAM = "Megatron-Bridge 0.6.2 qwen/qwen3_moe_bridge.Qwen3MoEBridge (no mlp_only_layers handling)"
 _REMOVE_WHEN = "Megatron-Bridge's Qwen3-MoE bridge maps mlp_only_layers / decoder_sparse_step itself"
