@@ -16,8 +16,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
 
-LORA_KINDS = ("attention", "dense_mlp", "experts", "router")
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
+_MODULE_SUFFIX = re.compile(r"\.lora_[AB](\.default)?\.weight$")
 
 
 def lora_module_kind(module: str) -> str:
@@ -47,10 +47,8 @@ def lora_kinds(modules: Iterable[str]) -> dict[str, dict[str, Any]]:
     return {kind: {"modules": e["modules"], "layers": sorted(e["layers"])} for kind, e in sorted(kinds.items())}
 
 
-_MODULE_SUFFIX = re.compile(r"\.lora_[AB](\.default)?\.weight$")
-
-
 def describe_lora_kinds(kinds: dict[str, dict[str, Any]]) -> str:
+    """``attention 16 modules (layers 0,1,2,3); dense MLP 3 modules (layer 0); ...`` for the summary."""
     names = {"attention": "attention", "dense_mlp": "dense MLP", "experts": "experts", "router": "router"}
     parts = []
     for kind, entry in kinds.items():
@@ -251,7 +249,6 @@ class Reporter:
                       f"{summary.dense_mlp_engine_effect:.2e}")
         elif "dense_mlp" in summary.lora_kinds:
             self.line("  dense-MLP LoRA in vLLM: not measured, its lora_B is still zero (no step moved it)")
-        syncs = summary.syncs()
         if syncs:
             self.line(f"  adapter syncs: {len(syncs)}, {syncs[-1].wire_bytes:,} B each (adapter "
                       f"{syncs[-1].adapter_bytes:,} B), mean {1000 * sum(s.seconds for s in syncs) / len(syncs):.0f} ms")

@@ -97,10 +97,12 @@ class Demo:
 
         c, r = self.config, self.reporter
         vpp = f" x VPP={c.vpp}" if c.vpp else ""
-        dense = (f", dense MLP in layer(s) {','.join(map(str, c.model.dense_layers))}" if c.model.dense_layers else "")
+        dense_layers = ",".join(map(str, c.model.dense_layers))
+        dense, dense_lora = (f", dense MLP in layer(s) {dense_layers}", ", dense MLP (gate/up, down)") if dense_layers \
+            else ("", "")
         r.line(f"moe-lora-plugins demo: tiny Qwen3-MoE ({c.model.num_layers} layers, {c.model.num_experts} experts, "
-               f"top-{c.model.experts_per_token}{dense}), LoRA r={c.lora_rank} on attention (qkv, o), dense MLP "
-               f"(gate/up, down) and every expert (gate/up, down); trainer EP={c.ep} x PP={c.pp}{vpp}; "
+               f"top-{c.model.experts_per_token}{dense}), LoRA r={c.lora_rank} on attention (qkv, o){dense_lora} "
+               f"and every expert (gate/up, down); trainer EP={c.ep} x PP={c.pp}{vpp}; "
                f"{c.steps} GRPO steps x {c.samples} samples")
         with r.phase("making the model (random weights, local tokenizer)"), _output_to(self.logs / "model.log"):
             model_dir = make_tiny_moe(self.workdir / "model", c.model, seed=c.seed)
