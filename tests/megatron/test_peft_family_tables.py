@@ -21,7 +21,20 @@ def _hf_config(model_type: str):
         "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),
     }
     config_cls, arch = classes[model_type]
-    return getattr(transformers, config_cls)(num_hidden_layers=2, architectures=[arch])
+    # A Qwen3-MoE with a dense layer 0, so the table's dense-MLP rules have a bridge mapping to meet.
+    extra = {"mlp_only_layers": [0]} if model_type == "qwen3_moe" else {}
+    return getattr(transformers, config_cls)(num_hidden_layers=2, architectures=[arch], **extra)
+
+
+def _mapping_registry(model_type: str):
+    from megatron.bridge import AutoBridge
+
+    bridge = AutoBridge.from_hf_config(_hf_config(model_type))._model_bridge
+    if model_type == "qwen3_moe":  # Megatron-Bridge 0.6 has no dense-layer mappings for it; our patch adds them
+        from moe_lora_plugins.patches.megatron_bridge.qwen3_moe_dense_layers import mappings_with_dense_mlp
+
+        return mappings_with_dense_mlp(bridge.mapping_registry, bridge, (), {})
+    return bridge.mapping_registry()
 
 
 def _bridge_hf_names(registry, megatron_name: str) -> list[str] | None:
@@ -38,9 +51,7 @@ def test_family_table_matches_the_bridge_mapping(model_type):
     from moe_lora_plugins.testing.megatron_cpu import prepare_megatron_cpu
 
     prepare_megatron_cpu()
-    from megatron.bridge import AutoBridge
-
-    registry = AutoBridge.from_hf_config(_hf_config(model_type))._model_bridge.mapping_registry()
+    registry = _mapping_registry(model_type)
     family = get_family(model_type)
     mismatches = []
     rules = [(rule.megatron, rule.hf) for rule in family.modules]

@@ -88,6 +88,10 @@ class RolloutEngine:
         """Each moe-lora-plugins patch's status in the engine's worker."""
         return self.llm.collective_rpc("moelora_patch_status")[0]
 
+    def served_lora_modules(self, lora_int_id: int = ADAPTER_ID) -> list[str]:
+        """The modules vLLM's registered LoRA model ``lora_int_id`` holds weights for (vLLM's own names)."""
+        return self.llm.collective_rpc(_served_lora_modules, args=(lora_int_id,))[0]
+
     def close_sync_group(self) -> None:
         self.llm.collective_rpc("moelora_close_sync_group")
 
@@ -133,8 +137,9 @@ class RolloutEngine:
         return Probe(tokens, logprobs)
 
     def probe_from_disk(self, prompts: list[list[int]], max_tokens: int, tensors: dict[str, Any],
-                        config: dict[str, Any], path: str) -> Probe:
-        """The same probe with the adapter written as a PEFT directory and loaded by vLLM's own loader."""
+                        config: dict[str, Any], path: str) -> tuple[Probe, list[str]]:
+        """The same probe with the adapter written as a PEFT directory and loaded by vLLM's own loader;
+        also the modules that loader gave LoRA weights."""
         from vllm.lora.request import LoRARequest
 
         from moe_lora_plugins.sync.disk import write_peft_dir
@@ -142,7 +147,8 @@ class RolloutEngine:
         shutil.rmtree(path, ignore_errors=True)
         write_peft_dir(path, tensors, config)
         try:
-            return self.probe(prompts, max_tokens, LoRARequest("disk-check", DISK_CHECK_ID, path))
+            probe = self.probe(prompts, max_tokens, LoRARequest("disk-check", DISK_CHECK_ID, path))
+            return probe, self.served_lora_modules(DISK_CHECK_ID)
         finally:
             self.llm.collective_rpc("remove_lora", args=(DISK_CHECK_ID,))
 
@@ -154,6 +160,12 @@ class RolloutEngine:
         del self.llm
         gc.collect()
         cleanup_dist_env_and_memory()
+
+
+def _served_lora_modules(worker: Any, lora_int_id: int) -> list[str]:
+    """Runs in the vLLM worker: module names of a registered LoRA model (empty when it is not registered)."""
+    lora_model = worker.model_runner.lora_manager._adapter_manager.get_adapter(lora_int_id)
+    return sorted(lora_model.loras) if lora_model is not None else []
 
 
 def _cpu_only() -> bool:

@@ -1,4 +1,5 @@
-"""The demo's model: a tiny Qwen3-MoE with random weights and a word-level tokenizer, made on the spot.
+"""The demo's model: a tiny Qwen3-MoE (a dense first layer, then MoE layers) with random weights and a
+word-level tokenizer, made on the spot.
 
 Nothing is downloaded. The checkpoint is what both sides load: vLLM serves it, Megatron-Bridge
 reads it into the trainer's parallel layout. Sizes are chosen for a 2-core CPU: head_dim 32 (the
@@ -16,10 +17,16 @@ BOS, EOS, UNK = 1, 2, 0
 
 @dataclass(frozen=True)
 class TinyMoeSpec:
-    """Sizes of the demo model; ``num_layers`` must split evenly over the pipeline stages."""
+    """Sizes of the demo model; ``num_layers`` must split evenly over the pipeline stages.
+
+    ``dense_layers`` (HF ``mlp_only_layers``) have a dense SwiGLU MLP of ``intermediate_size`` instead of
+    experts, like the first layers of many MoE checkpoints, so the demo puts LoRA on a dense MLP too.
+    """
 
     vocab_size: int = 64
     hidden_size: int = 64
+    intermediate_size: int = 128
+    dense_layers: tuple[int, ...] = (0,)
     num_layers: int = 4
     num_heads: int = 2
     num_kv_heads: int = 1
@@ -39,7 +46,8 @@ def hf_config(spec: TinyMoeSpec):  # -> transformers.Qwen3MoeConfig
     return Qwen3MoeConfig(
         vocab_size=spec.vocab_size,
         hidden_size=spec.hidden_size,
-        intermediate_size=2 * spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        mlp_only_layers=list(spec.dense_layers),
         moe_intermediate_size=spec.moe_intermediate_size,
         num_hidden_layers=spec.num_layers,
         num_attention_heads=spec.num_heads,

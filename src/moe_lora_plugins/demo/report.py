@@ -8,12 +8,54 @@ line when it starts and one when it ends.
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
+
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+_MODULE_SUFFIX = re.compile(r"\.lora_[AB](\.default)?\.weight$")
+
+
+def lora_module_kind(module: str) -> str:
+    """``attention``, ``dense_mlp``, ``experts`` or ``router`` for a module carrying LoRA, named the PEFT way
+    (``...layers.0.mlp.gate_proj``) or the vLLM way (``...layers.0.mlp.gate_up_proj``, ``...mlp.experts``)."""
+    if ".self_attn." in module:
+        return "attention"
+    if ".mlp.experts" in module:
+        return "experts"
+    if module.endswith(".mlp.gate"):
+        return "router"
+    if ".mlp." in module:
+        return "dense_mlp"
+    return "other"
+
+
+def lora_kinds(modules: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """Per kind of module: how many modules carry LoRA and in which layers. PEFT tensor names
+    (``<module>.lora_A.weight``) count once per module."""
+    kinds: dict[str, dict[str, Any]] = {}
+    for module in sorted({_MODULE_SUFFIX.sub("", name) for name in modules}):
+        entry = kinds.setdefault(lora_module_kind(module), {"modules": 0, "layers": set()})
+        entry["modules"] += 1
+        layer = _LAYER.search(module)
+        if layer is not None:
+            entry["layers"].add(int(layer.group(1)))
+    return {kind: {"modules": e["modules"], "layers": sorted(e["layers"])} for kind, e in sorted(kinds.items())}
+
+
+def describe_lora_kinds(kinds: dict[str, dict[str, Any]]) -> str:
+    """``attention 16 modules (layers 0,1,2,3); dense MLP 3 modules (layer 0); ...`` for the summary."""
+    names = {"attention": "attention", "dense_mlp": "dense MLP", "experts": "experts", "router": "router"}
+    parts = []
+    for kind, entry in kinds.items():
+        layers = entry["layers"]
+        where = f"layer {layers[0]}" if len(layers) == 1 else f"layers {','.join(map(str, layers))}"
+        parts.append(f"{names.get(kind, kind)} {entry['modules']} modules ({where})")
+    return "; ".join(parts) or "none"
 
 
 @dataclass
@@ -36,6 +78,15 @@ class SyncFigures:
     matches_vllm_loader: bool
     send_seconds: float = 0.0
     probe_seconds: float = 0.0
+    adapter_lora_kinds: dict[str, dict[str, Any]] = field(default_factory=dict)
+    engine_lora_kinds: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def engine_serves_every_kind(self) -> bool:
+        """vLLM holds LoRA on every kind of module, in every layer, that the synced adapter's tensors carry."""
+        return bool(self.adapter_lora_kinds) and all(
+            self.engine_lora_kinds.get(kind, {}).get("layers") == entry["layers"]
+            for kind, entry in self.adapter_lora_kinds.items())
 
     @property
     def bytes_equal(self) -> bool:
@@ -70,13 +121,15 @@ class DemoSummary:
     startup_seconds: float = 0.0
     wall_seconds: float = 0.0
     workdir: str = ""
+    lora_kinds: dict[str, dict[str, Any]] = field(default_factory=dict)
+    dense_mlp_engine_effect: float | None = None
 
     def syncs(self) -> list[SyncFigures]:
         return ([self.initial_sync] if self.initial_sync else []) + [s.sync for s in self.steps]
 
     def checks(self) -> dict[str, bool]:
         syncs = self.syncs()
-        return {
+        checks = {
             "suite_patches_applied_in_trainer_and_engine": bool(self.patches) and all(
                 self.patches.get(role, {}).get(patch_id) == "applied"
                 for role, ids in self.required_patches.items() for patch_id in ids),
@@ -85,7 +138,11 @@ class DemoSummary:
                 (s.sync.engine_change > 0) == s.sync.adapter_changed for s in self.steps),
             "export_audit_passed": bool(syncs) and all(s.audit_passed and s.audit_agrees_with_gather for s in syncs),
             "sync_bytes_equal_adapter_bytes": bool(syncs) and all(s.bytes_equal for s in syncs),
+            "engine_serves_lora_on_every_module_kind": bool(syncs) and all(s.engine_serves_every_kind for s in syncs),
         }
+        if self.dense_mlp_engine_effect is not None:
+            checks["dense_mlp_lora_moves_engine_logprobs"] = self.dense_mlp_engine_effect > 0
+        return checks
 
     @property
     def ok(self) -> bool:
@@ -181,7 +238,17 @@ class Reporter:
                 diffs.append(summary.final_train_rollout_logprob_abs_diff)
             self.line(f"  train_rollout_logprob_abs_diff: max {max(diffs):.2e} over {len(diffs)} rollout batches "
                       "(float32 Megatron vs vLLM CPU kernels; not 0 without the true-on-policy work, see docs/demo.md)")
+        if summary.lora_kinds:
+            self.line(f"  LoRA (from the synced adapter's tensors): {describe_lora_kinds(summary.lora_kinds)}")
         syncs = summary.syncs()
+        if syncs and syncs[-1].engine_lora_kinds:
+            self.line(f"  LoRA vLLM holds (q/k/v and gate/up packed, experts one module per layer): "
+                      f"{describe_lora_kinds(syncs[-1].engine_lora_kinds)}")
+        if summary.dense_mlp_engine_effect is not None:
+            self.line(f"  dense-MLP LoRA in vLLM: zeroing its lora_B moves the engine's logprobs by "
+                      f"{summary.dense_mlp_engine_effect:.2e}")
+        elif "dense_mlp" in summary.lora_kinds:
+            self.line("  dense-MLP LoRA in vLLM: not measured, its lora_B is still zero (no step moved it)")
         if syncs:
             self.line(f"  adapter syncs: {len(syncs)}, {syncs[-1].wire_bytes:,} B each (adapter "
                       f"{syncs[-1].adapter_bytes:,} B), mean {1000 * sum(s.seconds for s in syncs) / len(syncs):.0f} ms")

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from moe_lora_plugins.demo.config import DemoConfig, validate
-from moe_lora_plugins.demo.report import DemoSummary, Reporter, StepFigures, SyncFigures
+from moe_lora_plugins.demo.report import DemoSummary, Reporter, StepFigures, SyncFigures, lora_kinds
 from moe_lora_plugins.demo.task import CopyTask, group_advantages
 
 SYNC_HOST = "127.0.0.1"
@@ -76,6 +76,7 @@ class Demo:
         self.probe: list[list[int]] = []
         self.probe_scores: Any = None
         self.adapter: dict[str, Any] | None = None
+        self.adapter_config: dict[str, Any] | None = None
         self.senders: list[int] = []
 
     def run(self) -> DemoSummary:
@@ -96,9 +97,13 @@ class Demo:
 
         c, r = self.config, self.reporter
         vpp = f" x VPP={c.vpp}" if c.vpp else ""
+        dense_layers = ",".join(map(str, c.model.dense_layers))
+        dense, dense_lora = (f", dense MLP in layer(s) {dense_layers}", ", dense MLP (gate/up, down)") if dense_layers \
+            else ("", "")
         r.line(f"moe-lora-plugins demo: tiny Qwen3-MoE ({c.model.num_layers} layers, {c.model.num_experts} experts, "
-               f"top-{c.model.experts_per_token}), LoRA r={c.lora_rank} on attention (qkv, o) and every expert "
-               f"(gate/up, down); trainer EP={c.ep} x PP={c.pp}{vpp}; {c.steps} GRPO steps x {c.samples} samples")
+               f"top-{c.model.experts_per_token}{dense}), LoRA r={c.lora_rank} on attention (qkv, o){dense_lora} "
+               f"and every expert (gate/up, down); trainer EP={c.ep} x PP={c.pp}{vpp}; "
+               f"{c.steps} GRPO steps x {c.samples} samples")
         with r.phase("making the model (random weights, local tokenizer)"), _output_to(self.logs / "model.log"):
             model_dir = make_tiny_moe(self.workdir / "model", c.model, seed=c.seed)
         settings = TrainerSettings(str(model_dir), ep=c.ep, pp=c.pp, vpp=c.vpp, lora_rank=c.lora_rank,
@@ -154,6 +159,10 @@ class Demo:
         with r.phase("final check: rollouts with the last adapter, recomputed by the trainer"):
             reward, diff, _ = self._rollout_and_recompute(c.steps + 1, update=False)
         summary.final_reward, summary.final_train_rollout_logprob_abs_diff = reward, diff
+        summary.lora_kinds = lora_kinds(self.adapter or {})
+        if "dense_mlp" in summary.lora_kinds:
+            with r.phase("dense-MLP check: the last adapter with and without its dense-MLP LoRA, in vLLM"):
+                summary.dense_mlp_engine_effect = self._dense_mlp_engine_effect()
         summary.wall_seconds = time.perf_counter() - start
         return summary
 
@@ -223,12 +232,13 @@ class Demo:
         length = self.config.task_length
         start = time.perf_counter()
         scores = self.engine.probe(self.probe, length)
-        from_disk = self.engine.probe_from_disk(self.probe, length, rank0.adapter, rank0.config,
-                                                str(self.workdir / "adapter"))
+        from_disk, disk_modules = self.engine.probe_from_disk(self.probe, length, rank0.adapter, rank0.config,
+                                                              str(self.workdir / "adapter"))
+        synced_modules = self.engine.served_lora_modules()
         probe_seconds = time.perf_counter() - start
         change = scores.change_from(self.probe_scores) if self.probe_scores is not None else 0.0
         changed = self.adapter is None or any(not torch.equal(t, self.adapter[n]) for n, t in rank0.adapter.items())
-        self.probe_scores, self.adapter = scores, rank0.adapter
+        self.probe_scores, self.adapter, self.adapter_config = scores, rank0.adapter, rank0.config
         expanded = sum(t.numel() * t.element_size() for t in rank0.adapter.values())
         return SyncFigures(
             version=version,
@@ -247,7 +257,31 @@ class Demo:
             matches_vllm_loader=scores == from_disk,
             send_seconds=max(res.send_seconds for res in results),
             probe_seconds=probe_seconds,
+            adapter_lora_kinds=lora_kinds(rank0.adapter),
+            # What vLLM holds for the synced adapter; its own PEFT loader must hold the same modules.
+            engine_lora_kinds=lora_kinds(synced_modules) if synced_modules == disk_modules else {},
         )
+
+    def _dense_mlp_engine_effect(self) -> float | None:
+        """How far the engine's probe logprobs move when the dense MLPs' lora_B is zeroed (vLLM's own loader
+        both times): > 0 shows vLLM applies the dense-MLP LoRA the trainer sent. ``None`` while that lora_B
+        is still zero (no step has moved it: nothing to show)."""
+        import torch
+
+        from moe_lora_plugins.demo.report import lora_module_kind
+
+        if self.adapter is None or self.adapter_config is None:
+            return None
+        dense_b = [name for name in self.adapter if lora_module_kind(name) == "dense_mlp" and ".lora_B." in name]
+        if not any(self.adapter[name].any() for name in dense_b):
+            return None
+        length = self.config.task_length
+        without = {name: torch.zeros_like(t) if name in dense_b else t for name, t in self.adapter.items()}
+        full, _ = self.engine.probe_from_disk(self.probe, length, self.adapter, self.adapter_config,
+                                              str(self.workdir / "adapter-check"))
+        off, _ = self.engine.probe_from_disk(self.probe, length, without, self.adapter_config,
+                                             str(self.workdir / "adapter-check"))
+        return off.change_from(full)
 
     def _stop(self) -> None:
         if self.pool is not None:

@@ -29,6 +29,10 @@ from moe_lora_plugins.errors import MoeLoraError
 REQUIRED_TRAINER_PATCHES = (
     "megatron_bridge.local_name_to_global",
     "megatron_bridge.stream_adapter_weights",
+    # The demo model's dense first layer (mlp_only_layers) is built, loaded and exported only with these.
+    "megatron_bridge.qwen3_moe_dense_layer_provider",
+    "megatron_bridge.qwen3_moe_dense_layer_mappings",
+    "megatron_bridge.mixed_dense_moe_block_spec",
 )
 
 

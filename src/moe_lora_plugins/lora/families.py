@@ -155,9 +155,10 @@ FAMILIES: dict[str, ModelFamily] = {
         ModelFamily(
             "qwen3_moe",
             ("qwen3_moe",),
-            _GQA_ATTENTION + _ROUTER,
+            _GQA_ATTENTION + _DENSE_MLP + _ROUTER,
             ExpertsRule(),
-            notes="every layer MoE (as Megatron-Bridge builds it: no mlp_only_layers), no shared expert",
+            notes="MoE layers, plus dense SwiGLU layers where mlp_only_layers / decoder_sparse_step say so; "
+            "no shared expert",
         ),
         ModelFamily(
             "qwen2_moe",
