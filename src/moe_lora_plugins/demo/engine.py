@@ -63,7 +63,7 @@ class RolloutEngine:
         kwargs: dict[str, Any] = dict(
             model=model_dir, enable_lora=True, max_lora_rank=max_lora_rank, max_loras=2, max_cpu_loras=4,
             dtype="float32", max_model_len=64, enforce_eager=True, max_num_seqs=max_num_seqs, seed=seed,
-            enable_prefix_caching=False, worker_extension_cls=EXTENSION,
+            worker_extension_cls=EXTENSION,
         )
         if _cpu_only():
             kwargs["kv_cache_memory_bytes"] = 64 << 20
@@ -79,8 +79,9 @@ class RolloutEngine:
     def receive_adapter(self, senders: list[int], version: int) -> dict[str, Any]:
         """Receive one sync from the trainer's stage senders, validate it and swap it in place."""
         start = time.perf_counter()
-        report = self.llm.collective_rpc("moelora_receive_adapter",
-                                         args=(ADAPTER_NAME, ADAPTER_ID, senders, version))[0]
+        from moe_lora_plugins.integrations.vllm_worker import receive_adapter
+
+        report = receive_adapter(self.llm, ADAPTER_NAME, ADAPTER_ID, senders, version)  # also drops the prefix cache
         report["seconds"] = time.perf_counter() - start
         return report
 

@@ -301,14 +301,13 @@ class TrainerRank:
 
     def export_and_send(self, version: int, want_adapter: bool) -> SyncResult:
         """Audit Megatron-Bridge's adapter export, gather the adapter, send this stage's layers."""
-        from moe_lora_plugins.lora.convert import PEFT_PREFIX
         from moe_lora_plugins.lora.export import gather_adapter
         from moe_lora_plugins.sync.sender import send_lora_adapter
 
         start = time.perf_counter()
         audit = self._audited_bridge_export()
         adapter = gather_adapter(self.model, bridge=self.bridge, dst=None)
-        audit["agrees_with_gather"] = _bridge_stream_agrees(audit.pop("stream"), adapter.tensors, PEFT_PREFIX)
+        audit["agrees_with_gather"] = _bridge_stream_agrees(audit.pop("stream"), adapter.tensors)
         result = SyncResult(rank=_rank(), sender=self.sender, audit=audit, adapter_bytes=adapter.nbytes())
         result.export_seconds = time.perf_counter() - start
         if want_adapter and _rank() == 0:
@@ -362,13 +361,13 @@ class _Microbatch:
         return logprobs.gather(-1, self.tokens[:, self.prompt_len :, None]).squeeze(-1)
 
 
-def _bridge_stream_agrees(stream: list[tuple[str, Any]], peft: Mapping[str, Any], prefix: str) -> bool:
-    """Megatron-Bridge's export and this suite's gather name the same tensors with the same values."""
+def _bridge_stream_agrees(stream: list[tuple[str, Any]], peft: Mapping[str, Any]) -> bool:
+    """Megatron-Bridge's export (as the sync sender names it) and this suite's gather hold the same tensors."""
     import torch
 
-    bridge = {name if name.startswith(prefix) else prefix + name: t for name, t in stream}
-    bridge = {n.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): t
-              for n, t in bridge.items()}
+    from moe_lora_plugins.sync.sender import tensors_from_export
+
+    bridge = tensors_from_export(stream)
     if sorted(bridge) != sorted(peft):
         return False
     return all(torch.equal(bridge[n], peft[n].to(bridge[n].dtype)) for n in peft)

@@ -42,17 +42,14 @@ def routed_experts(hf_config: Mapping[str, Any]) -> int:
 
 
 def _moe_layers(hf_config: Mapping[str, Any]) -> set[int]:
-    layers = int(hf_config["num_hidden_layers"])
-    experts = routed_experts(hf_config)
-    if not experts:
-        return set()
-    step = int(hf_config.get("decoder_sparse_step") or 1)
-    mlp_only = set(hf_config.get("mlp_only_layers") or ())
+    """MoE layers: the HF Qwen-MoE rule (``decoder_sparse_step``, ``mlp_only_layers``), then DeepSeek /
+    GLM-4.5's ``first_k_dense_replace`` (the first k layers dense)."""
+    from moe_lora_plugins.topology.moe_layers import hf_moe_layer_pattern
+
+    pattern = hf_moe_layer_pattern(int(hf_config["num_hidden_layers"]), routed_experts(hf_config),
+                                   hf_config.get("decoder_sparse_step") or 1, hf_config.get("mlp_only_layers"))
     first_dense = int(hf_config.get("first_k_dense_replace") or 0)
-    return {
-        layer for layer in range(layers)
-        if layer not in mlp_only and layer >= first_dense and (layer + 1) % step == 0
-    }
+    return {layer for layer, moe in enumerate(pattern) if moe and layer >= first_dense}
 
 
 def projection_shapes(hf_config: Mapping[str, Any], layer: int) -> dict[str, tuple[int, int]]:
