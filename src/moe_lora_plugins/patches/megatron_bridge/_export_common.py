@@ -211,20 +211,33 @@ def _expert_adapters(chunks: list[Any]) -> list[tuple[tuple[int, str], Any]]:
     return found
 
 
+def all_gather_flat(tensors: list[Any], group: Any) -> list[list[Any]]:
+    """Every EP rank's ``tensors`` (one dtype, the same shapes on every rank), in rank order, through one
+    ``all_gather_into_tensor`` of a flat buffer. This rank's entry is ``tensors`` itself (the gather
+    would return the same bits); the others are views of the received buffer."""
+    import torch
+    import torch.distributed as dist
+
+    from moe_lora_plugins.topology.ep_gather import flat_layout, pack_flat, unpack_flat
+
+    size, rank = group_size_rank(group)
+    layout = flat_layout(tensors)
+    flat = pack_flat(tensors)
+    gathered = torch.empty(size * flat.numel(), dtype=flat.dtype, device=flat.device)
+    dist.all_gather_into_tensor(gathered, flat, group=group)
+    return [list(tensors) if owner == rank else unpack_flat(buffer, layout)
+            for owner, buffer in enumerate(gathered.chunk(size))]
+
+
 def prefetch_expert_adapters(models: Any) -> bool:
     """Gather every SequentialMLP expert adapter of every EP rank in one ``all_gather``, for the merge.
 
     Only where the merge's adapters are the plain local parameters: EP > 1, PP = 1 (every task is
     local, so local names identify them) and expert-TP = 1 (no shards). Returns whether it did; the
     merge falls back to one small gather per expert otherwise. :func:`drop_prefetched` frees it.
-    The tensors travel as one flat buffer per dtype; this rank's entries are its own parameters
-    (the gather would return the same bits), the other ranks' are views of the received buffer.
+    The tensors travel as one flat buffer per dtype (:func:`all_gather_flat`).
     """
-    import torch
-    import torch.distributed as dist
     from megatron.core import parallel_state
-
-    from moe_lora_plugins.topology.ep_gather import flat_layout, pack_flat, unpack_flat
 
     chunks = model_list(models)
     group, size = ep_group_and_size(models)
@@ -235,21 +248,14 @@ def prefetch_expert_adapters(models: Any) -> bool:
     params = _expert_adapters(chunks)
     if not params:
         return False
-    rank = dist.get_rank(group)
-    table: dict[tuple[int, str], list[Any]] = {key: [None] * size for key, _ in params}
+    table: dict[tuple[int, str], list[Any]] = {}
     by_dtype: dict[Any, list[tuple[tuple[int, str], Any]]] = {}
     for key, param in params:
         by_dtype.setdefault(param.dtype, []).append((key, param))
     for same_dtype in by_dtype.values():
-        tensors = [param.detach() for _, param in same_dtype]
-        layout = flat_layout(tensors)
-        flat = pack_flat(tensors)
-        gathered = torch.empty(size * flat.numel(), dtype=flat.dtype, device=flat.device)
-        dist.all_gather_into_tensor(gathered, flat, group=group)
-        for owner, buffer in enumerate(gathered.chunk(size)):
-            views = tensors if owner == rank else unpack_flat(buffer, layout)
-            for (key, _), tensor in zip(same_dtype, views, strict=True):
-                table[key][owner] = tensor
+        per_rank = all_gather_flat([param.detach() for _, param in same_dtype], group)
+        for index, (key, _) in enumerate(same_dtype):
+            table[key] = [tensors[index] for tensors in per_rank]
     _prefetched[chunks[0]] = table
     return True
 

@@ -3,7 +3,7 @@
 Wraps ``MegatronPeftBridge._merge_lora_adapter_weights``. Under EP > 1 the export gathers the base
 weight of local expert ``L`` from every EP rank (global experts ``L + k * E/EP``) into one dict, and
 upstream merges this rank's adapter into all of them. The wrapper all-gathers the (already TP /
-PP materialized) adapter over the expert-parallel group (one packed ``all_gather``) and merges each
+PP materialized) adapter over the expert-parallel group (one flat ``all_gather``) and merges each
 expert with its owner's adapter through upstream's own fc1 split and ``_merge_single_adapter_weight``,
 the steps upstream takes at world size 1, so the result is bitwise the world-size-1 merge. Every other adapter (dense, grouped experts, EP = 1) goes to upstream untouched.
 """
@@ -38,28 +38,11 @@ SPECS = (
 )
 
 
-def _all_gather_pair(linear_in: Any, linear_out: Any, group: Any, size: int) -> list[tuple[Any, Any]]:
-    """``[(linear_in, linear_out)]`` of every EP rank, in rank order, through one ``all_gather``."""
-    import torch
-    import torch.distributed as dist
-
-    from moe_lora_plugins.topology.ep_gather import pack_tensors, tensor_meta, unpack_tensors
-
-    flat = pack_tensors([linear_in, linear_out])
-    gathered = torch.empty(size * flat.numel(), dtype=flat.dtype, device=flat.device)
-    dist.all_gather_into_tensor(gathered, flat, group=group)
-    metas = [tensor_meta("linear_in", linear_in), tensor_meta("linear_out", linear_out)]
-    pairs = []
-    for buffer in gathered.chunk(size):
-        (_, a), (_, b) = unpack_tensors(buffer, metas)
-        pairs.append((a, b))
-    return pairs
-
-
 def merge_lora_adapter_weights(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Upstream's merge arithmetic, each expert with the adapter of the EP rank that owns it."""
     from moe_lora_plugins.errors import MoeLoraError
     from moe_lora_plugins.patches.megatron_bridge._export_common import (
+        all_gather_flat,
         ep_group_and_size,
         model_config,
         prefetched_expert_adapter,
@@ -82,7 +65,7 @@ def merge_lora_adapter_weights(wrapped: Any, instance: Any, args: tuple[Any, ...
     if linear_in_all is not None and linear_out_all is not None:
         gathered = list(zip(linear_in_all, linear_out_all, strict=True))
     else:
-        gathered = _all_gather_pair(adapter.linear_in_weight.weight, adapter.linear_out_weight.weight, group, size)
+        gathered = all_gather_flat([adapter.linear_in_weight.weight, adapter.linear_out_weight.weight], group)
     num_experts = model_config(models).num_moe_experts
     by_owner: dict[int, dict[str, Any]] = {}
     for hf_name, base in converted.items():
