@@ -23,65 +23,20 @@ TOLERANCE = 1e-5
 
 
 def _megatron_and_peft_dirs(config_kind: str, target_modules: tuple[str, ...], out: str) -> dict:
-    """One rank (world 1): build, fill (LoRA B non-zero), forward, write base checkpoint and adapter."""
-    import torch
-    from safetensors.torch import save_file
+    """One rank (world 1): the Megatron logits, the base checkpoint and the adapter (LoRA B non-zero)."""
+    from moe_lora_plugins.testing.peft_reference import megatron_logits_and_peft_dirs
+    from moe_lora_plugins.testing.tiny_models import LoraSettings, tiny_qwen3_config, tiny_qwen3_moe_config
 
-    from moe_lora_plugins.lora.export import save_peft_adapter
-    from moe_lora_plugins.testing.megatron_cpu import prepare_megatron_cpu
-    from moe_lora_plugins.testing.tiny_models import (
-        LoraSettings,
-        build_lora_model,
-        fill_from_global_names,
-        tiny_qwen3_config,
-        tiny_qwen3_moe_config,
-    )
-
-    prepare_megatron_cpu()
-    # Megatron's rotary embedding moves its buffer to ``torch.cuda.current_device()``: keep it on the CPU.
-    torch.cuda.current_device = lambda: "cpu"
     hf_config = tiny_qwen3_moe_config() if config_kind == "moe" else tiny_qwen3_config()
-    built = build_lora_model(hf_config, lora=LoraSettings(target_modules=target_modules))
-    fill_from_global_names(built)
-    import contextlib
-
-    from megatron.core import tensor_parallel
-
-    # Attention forks the CUDA RNG tracker around dropout; in eval mode there is no dropout to seed.
-    tensor_parallel.get_cuda_rng_tracker().fork = lambda *a, **k: contextlib.nullcontext()
-    model = built.model[0]
-    model.eval()
-    tokens = torch.tensor([[3, 17, 42, 99, 5, 64, 8, 120, 1, 77, 31, 2]])
-    seq = tokens.shape[1]
-    positions = torch.arange(seq).unsqueeze(0)
-    causal = torch.triu(torch.ones(seq, seq, dtype=torch.bool), diagonal=1)[None, None]  # True = masked
-    with torch.no_grad():
-        logits = model(input_ids=tokens, position_ids=positions, attention_mask=causal)
-
-    base_dir, adapter_dir = Path(out) / "base", Path(out) / "adapter"
-    base_dir.mkdir(parents=True)
-    weights = dict(
-        built.bridge.export_hf_weights(
-            built.model, cpu=True, show_progress=False, merge_adapter_weights=False
-        )
-    )
-    # With LoRA applied the bridge names LoRA-wrapped expert bases '<module>.base_layer.weight'.
-    base = {k.replace(".base_layer.", "."): v.contiguous() for k, v in weights.items()}
-    save_file(base, str(base_dir / "model.safetensors"))
-    hf_config.save_pretrained(base_dir)
-    save_peft_adapter(built.model, adapter_dir, bridge=built.bridge, base_model_name_or_path=str(base_dir))
-    return {"tokens": tokens, "logits": logits.float()}
+    return megatron_logits_and_peft_dirs(hf_config, LoraSettings(target_modules=target_modules), out)
 
 
 def _hf_peft_logits(base_dir: Path, adapter_dir: Path, tokens):
     import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
-    base, info = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, output_loading_info=True)
-    assert not any(info.values()), f"base checkpoint does not load cleanly: {info}"
-    model = PeftModel.from_pretrained(base, adapter_dir)
-    model.eval()
+    from moe_lora_plugins.testing.peft_reference import load_hf_with_peft
+
+    _, model = load_hf_with_peft(base_dir, adapter_dir)
     with torch.no_grad():
         with_adapter = model(input_ids=tokens).logits
         with model.disable_adapter():

@@ -214,39 +214,12 @@ def test_block_spec_builds_the_dense_layer_as_mlp_for_upstreams_layer_specs():
 
 
 def _megatron_logits_and_peft_dirs(out: str) -> dict:
-    """One rank (world 1), patched: build with LoRA everywhere, fill, forward, write base checkpoint + adapter."""
-    import contextlib
-
+    """One rank (world 1), patched: the Megatron logits with LoRA everywhere, the base checkpoint, the adapter."""
     import moe_lora_plugins
+    from moe_lora_plugins.testing.peft_reference import megatron_logits_and_peft_dirs
 
     moe_lora_plugins.activate(role="trainer")
-    import torch
-    from safetensors.torch import save_file
-
-    from moe_lora_plugins.lora.export import save_peft_adapter
-    from moe_lora_plugins.testing.tiny_models import build_lora_model, fill_from_global_names
-
-    torch.cuda.current_device = lambda: "cpu"  # rotary embedding buffers stay on the CPU
-    hf_config = _config()
-    built = build_lora_model(hf_config, lora=LoraSettings())
-    fill_from_global_names(built)
-    from megatron.core import tensor_parallel
-
-    tensor_parallel.get_cuda_rng_tracker().fork = lambda *a, **k: contextlib.nullcontext()
-    model = built.model[0]
-    model.eval()
-    tokens = torch.tensor([[3, 17, 42, 99, 5, 64, 8, 120, 1, 77, 31, 2]])
-    seq = tokens.shape[1]
-    causal = torch.triu(torch.ones(seq, seq, dtype=torch.bool), diagonal=1)[None, None]
-    with torch.no_grad():
-        logits = model(input_ids=tokens, position_ids=torch.arange(seq)[None], attention_mask=causal)
-    base_dir, adapter_dir = Path(out) / "base", Path(out) / "adapter"
-    base_dir.mkdir(parents=True)
-    weights = built.bridge.export_hf_weights(built.model, cpu=True, show_progress=False, merge_adapter_weights=False)
-    save_file({k.replace(".base_layer.", "."): v.contiguous() for k, v in weights}, str(base_dir / "model.safetensors"))
-    hf_config.save_pretrained(base_dir)
-    save_peft_adapter(built.model, adapter_dir, bridge=built.bridge, base_model_name_or_path=str(base_dir))
-    return {"tokens": tokens, "logits": logits.float()}
+    return megatron_logits_and_peft_dirs(_config(), LoraSettings(), out)
 
 
 def _hf_peft_logits(base_dir: Path, adapter_dir: Path, tokens, dense_mlp_lora: bool = True):
@@ -257,13 +230,12 @@ def _hf_peft_logits(base_dir: Path, adapter_dir: Path, tokens, dense_mlp_lora: b
     LoRA. With ``dense_mlp_lora`` peft's own ``inject_adapter_in_model`` adds it on each dense MLP.
     """
     import torch
-    from peft import LoraConfig, PeftModel, inject_adapter_in_model, set_peft_model_state_dict
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
 
-    base, info = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, output_loading_info=True)
-    assert not any(info.values()), f"base checkpoint does not load cleanly: {info}"
-    model = PeftModel.from_pretrained(base, adapter_dir).eval()
+    from moe_lora_plugins.testing.peft_reference import load_hf_with_peft
+
+    base, model = load_hf_with_peft(base_dir, adapter_dir)
     if dense_mlp_lora:
         config = json.loads((adapter_dir / "adapter_config.json").read_text())
         tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
