@@ -27,65 +27,48 @@ _VERIFIED = (
 _UPSTREAM = "Megatron-Bridge 0.6.2 qwen/qwen3_moe_bridge.Qwen3MoEBridge (no mlp_only_layers handling)"
 _REMOVE_WHEN = "Megatron-Bridge's Qwen3-MoE bridge maps mlp_only_layers / decoder_sparse_step itself"
 
+_COMMON = dict(distribution="megatron-bridge", versions=">=0.6,<0.7", kind="wrap", verified=_VERIFIED)
+_QWEN3_BRIDGE = dict(_COMMON, target=_BRIDGE, upstream=_UPSTREAM, remove_when=_REMOVE_WHEN)
+
 SPECS = (
     PatchSpec(
         id="megatron_bridge.qwen3_moe_dense_layer_provider",
-        distribution="megatron-bridge",
-        versions=">=0.6,<0.7",
-        target=_BRIDGE,
+        **_QWEN3_BRIDGE,
         attribute="Qwen3MoEBridge.provider_bridge",
-        kind="wrap",
         implementation="moe_lora_plugins.patches.megatron_bridge.qwen3_moe_dense_layers:provider_with_dense_layers",
         fingerprint="(self, hf_pretrained)",
         why=(
             "The provider makes every layer MoE whatever mlp_only_layers / decoder_sparse_step say, so a "
             "Qwen3-MoE checkpoint with dense layers fails to load (its dense MLP has no Megatron home)."
         ),
-        upstream=_UPSTREAM,
-        remove_when=_REMOVE_WHEN,
-        verified=_VERIFIED,
     ),
     PatchSpec(
         id="megatron_bridge.qwen3_moe_dense_layer_mappings",
-        distribution="megatron-bridge",
-        versions=">=0.6,<0.7",
-        target=_BRIDGE,
+        **_QWEN3_BRIDGE,
         attribute="Qwen3MoEBridge.mapping_registry",
-        kind="wrap",
         implementation="moe_lora_plugins.patches.megatron_bridge.qwen3_moe_dense_layers:mappings_with_dense_mlp",
         fingerprint="(self)",
         why=(
             "No mapping for a dense layer's mlp.linear_fc1 / linear_fc2 (HF mlp.gate_proj, up_proj, "
             "down_proj), so dense-layer weights and their LoRA adapters cannot be converted or exported."
         ),
-        upstream=_UPSTREAM,
-        remove_when=_REMOVE_WHEN,
-        verified=_VERIFIED,
     ),
     PatchSpec(
         id="megatron_bridge.qwen3_moe_dense_layer_hf_config",
-        distribution="megatron-bridge",
-        versions=">=0.6,<0.7",
-        target=_BRIDGE,
+        **_QWEN3_BRIDGE,
         attribute="Qwen3MoEBridge.megatron_to_hf_config",
-        kind="wrap",
         implementation="moe_lora_plugins.patches.megatron_bridge.qwen3_moe_dense_layers:hf_config_with_dense_layers",
         fingerprint="(cls, provider)",
         why=(
             "The exported HF config always says decoder_sparse_step=1 and no mlp_only_layers, so a model "
             "with dense layers is described as all-MoE and its checkpoint does not load in HF or vLLM."
         ),
-        upstream=_UPSTREAM,
-        remove_when=_REMOVE_WHEN,
-        verified=_VERIFIED,
     ),
     PatchSpec(
         id="megatron_bridge.mixed_dense_moe_block_spec",
-        distribution="megatron-bridge",
-        versions=">=0.6,<0.7",
+        **_COMMON,
         target="megatron.bridge.models.gpt_provider",
         attribute="GPTModelProvider.provide",
-        kind="wrap",
         implementation="moe_lora_plugins.patches.megatron_bridge.qwen3_moe_dense_layers:provide_with_block_spec",
         fingerprint="(self, pre_process=, post_process=, vp_stage=)",
         why=(
@@ -96,7 +79,6 @@ SPECS = (
         upstream="Megatron-Bridge 0.6.2 gpt_provider single-layer spec functions (GLM-4.5's bridge sets "
         "get_gpt_decoder_block_spec itself; Qwen3-MoE's does not)",
         remove_when="the Qwen3-MoE bridge (or GPTModelProvider) picks the decoder block spec for mixed layers",
-        verified=_VERIFIED,
     ),
 )
 
