@@ -49,6 +49,13 @@ SWITCHES: tuple[Switch, ...] = (
            "Audit every patched trainer export: each global (layer, expert, projection) once, right shape."),
     Switch("MOELORA_BLOCKED_PLUGINS", "comma-separated plugin names", "(none)",
            "Plugins (built-in or from the 'moelora.plugins' entry-point group) that are never registered."),
+    Switch("MOELORA_TRUE_ON_POLICY", "on|off", "off",
+           "True-on-policy mode: the trainer's and the engine's scoring ops become the batch-invariant ones of "
+           "moe_lora_plugins.onpolicy.ops, so recomputed log-probs equal the engine's bit for bit. Set it in "
+           "the trainer and the engine processes alike."),
+    Switch("MOELORA_ONPOLICY_GATE", "exact | a tolerance (e.g. 1e-6) | off", "off",
+           "What moe_lora_plugins.onpolicy.gate.check_step does with a step's train/rollout log-prob diff: "
+           "exact fails on any diff other than 0.0, a tolerance fails above it, off only reports."),
 )
 
 SWITCH_NAMES = frozenset(s.name for s in SWITCHES)
@@ -81,6 +88,23 @@ def parse_id_list(raw: str | None) -> tuple[str, ...]:
     return tuple(seen)
 
 
+def parse_gate(raw: str | None) -> str:
+    """``MOELORA_ONPOLICY_GATE``: ``exact``, ``off`` or a non-negative float tolerance (returned normalised)."""
+    value = (raw or "off").strip().lower()
+    if value in ("exact", "off"):
+        return value
+    try:
+        tolerance = float(value)
+    except ValueError:
+        tolerance = -1.0
+    if not tolerance >= 0.0:
+        raise SettingsError(
+            f"MOELORA_ONPOLICY_GATE={raw!r} is not 'exact', 'off' or a non-negative tolerance such as 1e-6. "
+            "Use exact to fail any step whose trainer/rollout log-prob diff is not 0.0."
+        )
+    return repr(tolerance)
+
+
 def is_switched_on(environ: Mapping[str, str] | None = None) -> bool:
     """Only ``MOELORA_PLUGINS``: the one lookup the bootstrap makes before anything else."""
     env = os.environ if environ is None else environ
@@ -101,6 +125,8 @@ class Settings:
     blocked_plugins: tuple[str, ...] = ()
     role: str | None = None
     export_audit: bool = True
+    true_on_policy: bool = False
+    onpolicy_gate: str = "off"
     raw: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     def patch_enabled(self, patch_id: str) -> bool:
@@ -122,6 +148,8 @@ class Settings:
             "MOELORA_BLOCKED_PLUGINS": ",".join(self.blocked_plugins),
             "MOELORA_ROLE": self.role or "",
             "MOELORA_EXPORT_AUDIT": "on" if self.export_audit else "off",
+            "MOELORA_TRUE_ON_POLICY": "on" if self.true_on_policy else "off",
+            "MOELORA_ONPOLICY_GATE": self.onpolicy_gate,
         }
         return [
             {"name": s.name, "set": self.raw.get(s.name, ""), "parsed": parsed[s.name], "default": s.default}
@@ -154,6 +182,8 @@ def load_settings(
         blocked_plugins=parse_id_list(env.get("MOELORA_BLOCKED_PLUGINS")),
         role=(env.get("MOELORA_ROLE") or "").strip() or None,
         export_audit=parse_bool("MOELORA_EXPORT_AUDIT", env.get("MOELORA_EXPORT_AUDIT"), default=True),
+        true_on_policy=parse_bool("MOELORA_TRUE_ON_POLICY", env.get("MOELORA_TRUE_ON_POLICY")),
+        onpolicy_gate=parse_gate(env.get("MOELORA_ONPOLICY_GATE")),
         raw=raw,
     )
     if known_patch_ids is not None:

@@ -30,6 +30,9 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the model, prompts and sampling (default 0)")
     p.add_argument("--workdir", default=None, help="where the model and logs go (default: a new temp dir)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line on stdout")
+    p.add_argument("--true-on-policy", dest="true_on_policy", action=argparse.BooleanOptionalAction, default=True,
+                   help="true-on-policy mode in trainer and engine (default on): the trainer's log-probs equal "
+                   "the engine's bit for bit; --no-true-on-policy shows the default kernels' diff")
     p.set_defaults(func=run_demo_command)
 
 
@@ -42,7 +45,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
         steps=args.steps, ep=args.ep, pp=args.pp, vpp=args.vpp, trainer_procs=args.trainer_procs,
         samples=args.samples, group_size=args.group_size, task_length=args.task_length,
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, learning_rate=args.lr, seed=args.seed,
-        workdir=args.workdir,
+        workdir=args.workdir, true_on_policy=args.true_on_policy,
     )
     try:
         validate(config)

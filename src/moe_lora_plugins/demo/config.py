@@ -43,6 +43,7 @@ class DemoConfig:
     learning_rate: float = 0.05
     seed: int = 0
     workdir: str | None = None
+    true_on_policy: bool = True
     model: TinyMoeSpec = field(default_factory=TinyMoeSpec)
 
     @property

@@ -85,6 +85,8 @@ class Demo:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         os.environ["MOELORA_PLUGINS"] = "on"
+        # Read by the trainer ranks (they inherit this environment) and by the engine in this process.
+        os.environ["MOELORA_TRUE_ON_POLICY"] = "on" if self.config.true_on_policy else "off"
         start = time.perf_counter()
         try:
             return self._run(start)

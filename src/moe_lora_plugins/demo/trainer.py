@@ -357,7 +357,12 @@ class _Microbatch:
         """log p(token_t | tokens_<t) for every completion position, float32, shape (n, C)."""
         import torch
 
-        logprobs = torch.log_softmax(logits.float()[:, self.prompt_len - 1 : -1], dim=-1)
+        from moe_lora_plugins import onpolicy
+
+        scored = logits.float()[:, self.prompt_len - 1 : -1]
+        if onpolicy.enabled():  # the engine's log-softmax, bit for bit
+            return onpolicy.token_logprobs(scored, self.tokens[:, self.prompt_len :])
+        logprobs = torch.log_softmax(scored, dim=-1)
         return logprobs.gather(-1, self.tokens[:, self.prompt_len :, None]).squeeze(-1)
 
 

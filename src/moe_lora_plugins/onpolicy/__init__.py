@@ -10,6 +10,16 @@ import os
 from collections.abc import Mapping
 
 
+__all__ = ["enabled", "token_logprobs"]
+
+
+def token_logprobs(logits, tokens):  # noqa: ANN001, ANN201 - thin re-export, typed in ops
+    """The trainer-side log-probs hosts compute in true-on-policy mode (:func:`ops.token_logprobs`)."""
+    from moe_lora_plugins.onpolicy import ops
+
+    return ops.token_logprobs(logits, tokens)
+
+
 def enabled(environ: Mapping[str, str] | None = None) -> bool:
     """Whether ``MOELORA_TRUE_ON_POLICY`` is on in this process (a malformed value is an error)."""
     from moe_lora_plugins.envs import parse_bool

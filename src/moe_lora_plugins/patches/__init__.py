@@ -19,9 +19,12 @@ SPEC_MODULES: tuple[str, ...] = (
     "moe_lora_plugins.patches.megatron_bridge.weight_export",
     "moe_lora_plugins.patches.megatron_bridge.qwen3_moe_dense_layers",
     "moe_lora_plugins.patches.megatron_bridge.modelopt_probe",
+    "moe_lora_plugins.patches.megatron_bridge.onpolicy_lora",
+    "moe_lora_plugins.patches.megatron_core.onpolicy",
     "moe_lora_plugins.patches.vllm.tensor_lora",
     "moe_lora_plugins.patches.vllm.cpu_moe_lora",
     "moe_lora_plugins.patches.vllm.punica_index",
+    "moe_lora_plugins.patches.vllm.onpolicy",
 )
 
 

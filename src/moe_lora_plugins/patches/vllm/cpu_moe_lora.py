@@ -86,6 +86,22 @@ def cpu_experts_apply(wrapped: Any, instance: Any, args: tuple, kwargs: dict) ->
 
     output = call["output"]
     output.zero_()
+    from moe_lora_plugins import onpolicy
+
+    if onpolicy.enabled():
+        if call["apply_router_weight_on_input"] or "silu" not in str(call["activation"]).lower():
+            from moe_lora_plugins.onpolicy.contract import OnPolicyUnsupported
+
+            raise OnPolicyUnsupported(
+                f"true-on-policy mode (vLLM experts): activation {call['activation']} / router weight on input; "
+                "the mode covers SwiGLU experts weighted after fc2"
+            )
+        combined = onpolicy_expert_forward(
+            hidden_states, w1, w2, local_ids, topk_weights, token_slots,
+            None if context is None else _LoRABuffers.from_context(context),
+        )
+        output.copy_(combined.to(output.dtype))
+        return None
     expert_output = expert_forward_with_lora(
         hidden_states,
         w1,
@@ -189,3 +205,50 @@ def expert_forward_with_lora(
             expert_out = expert_out * flat_weights[rows].unsqueeze(1)
         result.index_add_(0, tokens, expert_out)
     return result
+
+
+def onpolicy_expert_forward(
+    hidden_states: Any,
+    w1: Any,
+    w2: Any,
+    local_ids: Any,
+    topk_weights: Any,
+    token_slots: Any | None,
+    lora: _LoRABuffers | None,
+) -> Any:
+    """True-on-policy experts: every (token, slot) through :mod:`moe_lora_plugins.onpolicy.ops` (base + LoRA
+    delta per projection, SwiGLU), then the top-k combine in slot order; float32 ``[tokens, hidden]``."""
+    import torch
+
+    from moe_lora_plugins.onpolicy import ops
+
+    num_tokens, top_k = local_ids.shape
+    flat_ids = local_ids.reshape(-1)
+    flat_tokens = torch.arange(num_tokens, device=hidden_states.device).repeat_interleave(top_k)
+    outputs = hidden_states.new_zeros(num_tokens * top_k, w2.shape[1])
+    half = w1.shape[1] // 2
+    for expert in range(w1.shape[0]):
+        rows = (flat_ids == expert).nonzero(as_tuple=True)[0]
+        if rows.numel() == 0:
+            continue
+        tokens = flat_tokens[rows]
+        expert_in = hidden_states[tokens]
+        gate_up = ops.linear(expert_in, w1[expert])
+        slots = token_slots[tokens] if lora is not None and token_slots is not None else None
+        active = [] if slots is None else [s for s in slots.unique().tolist() if lora.slot_active(s)]
+        for slot in active:
+            pick = (slots == slot).nonzero(as_tuple=True)[0]
+            for index, (a, b) in enumerate(zip(lora.w13_a, lora.w13_b, strict=True)):
+                b_e = lora.expert(b, slot, expert)
+                start = index * half if len(lora.w13_a) == 2 else 0
+                delta = ops.lora_delta(expert_in[pick], lora.expert(a, slot, expert), b_e, 1.0)
+                gate_up[pick, start : start + b_e.shape[0]] += delta.to(gate_up.dtype)
+        hidden = ops.silu_and_mul(gate_up)
+        expert_out = ops.linear(hidden, w2[expert])
+        for slot in active:
+            pick = (slots == slot).nonzero(as_tuple=True)[0]
+            delta = ops.lora_delta(hidden[pick], lora.expert(lora.w2_a, slot, expert),
+                                   lora.expert(lora.w2_b, slot, expert), 1.0)
+            expert_out[pick] += delta.to(expert_out.dtype)
+        outputs[rows] = expert_out.to(outputs.dtype)
+    return ops.combine_topk(outputs.reshape(num_tokens, top_k, -1), topk_weights)
