@@ -134,6 +134,11 @@ def collect(import_targets: bool = True, status_dir: str | None = None) -> dict[
         "plugins": plugins,
         "patches": [check_spec(spec, registry, import_targets) for spec in registry.specs],
     }
+    from moe_lora_plugins.onpolicy.contract import process_status
+
+    active = current()
+    report["true_on_policy"] = process_status(
+        getattr(active, "role", None) or settings.role, {row["id"]: row["status"] for row in report["patches"]})
     if status_dir:
         from moe_lora_plugins.status_file import read_status_dir
 
@@ -172,6 +177,10 @@ def render_text(report: dict[str, Any]) -> str:
     for group, eps in report["entry_points"].items():
         out.append(f"entry points [{group}]: {'; '.join(eps) or 'none'}")
     out.append(f"plugins loaded: {', '.join(report['plugins']) or 'none'}")
+    onp = report.get("true_on_policy") or {}
+    if onp:
+        state = {True: "satisfied", False: f"NOT satisfied, missing {onp['missing']}", None: "-"}[onp["satisfied"]]
+        out.append(f"true-on-policy mode: {onp['mode']} (role {onp['role'] or 'unset'}; {state})")
     out.append("")
     if report["patches"]:
         rows = [["id", "installed", "range", "in-range", "resolvable", "fingerprint", "status"]]
@@ -194,12 +203,14 @@ def render_text(report: dict[str, Any]) -> str:
     if "processes" in report:
         out.append("")
         out.append("processes (status files):")
-        rows = [["  file", "role", "pid", "applied", "other"]]
+        rows = [["  file", "role", "pid", "on-policy", "applied", "other"]]
         for proc in report["processes"]:
             patches = proc.get("patches", [])
             applied = [p["id"] for p in patches if p["status"] == "applied"]
             other = [f"{p['id']}={p['status']}" for p in patches if p["status"] != "applied"]
-            rows.append([f"  {proc['file']}", str(proc.get("role")), str(proc.get("pid")), ",".join(applied) or "-", ",".join(other) or proc.get("error", "-")])
+            rows.append([f"  {proc['file']}", str(proc.get("role")), str(proc.get("pid")),
+                         str(proc.get("true_on_policy", "-")), ",".join(applied) or "-",
+                         ",".join(other) or proc.get("error", "-")])
         out.append(_table(rows))
     return "\n".join(out)
 

@@ -34,11 +34,21 @@ class StatusWriter:
             "python": sys.executable,
             "time": time.time(),
             "patches": registry.rows(),
+            "true_on_policy": _mode(),
         }
         path = status_path(self.directory)
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(payload, indent=1, default=str))
         os.replace(tmp, path)
+
+
+def _mode() -> str:
+    from moe_lora_plugins import onpolicy
+
+    try:
+        return "on" if onpolicy.enabled() else "off"
+    except Exception as exc:  # a malformed value is shown, not raised, in a status file
+        return f"invalid: {exc}"
 
 
 def read_status_dir(directory: str | os.PathLike[str]) -> list[dict[str, Any]]:

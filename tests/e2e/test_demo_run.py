@@ -111,11 +111,47 @@ def test_dense_mlp_adapter_tensors_reach_vllm_and_move_its_logprobs(demo):
     assert demo["summary"]["checks"]["dense_mlp_lora_moves_engine_logprobs"] is True
 
 
-def test_trainer_recomputes_the_rollout_logprobs_to_float32_rounding(demo):
-    # float32 on both sides, different kernels: the difference is rounding, far below a LoRA step's effect.
-    steps = demo["summary"]["steps"]
-    assert all(0 <= s["train_rollout_logprob_max_abs_diff"] < 1e-4 for s in steps), steps
-    assert demo["summary"]["final_train_rollout_logprob_abs_diff"] < 1e-4
+def assert_bitwise_on_policy(summary: dict) -> None:
+    """Every sampled token's trainer log-prob is the engine's, bit for bit, on every step and the final check."""
+    assert summary["true_on_policy"] is True
+    for step in summary["steps"]:
+        assert step["train_rollout_logprob_abs_diff"] == 0.0 and step["train_rollout_logprob_max_abs_diff"] == 0.0
+        assert step["tokens"] > 0 and step["bitwise_equal_tokens"] == step["tokens"], step
+    assert summary["final_train_rollout_logprob_abs_diff"] == 0.0
+    assert summary["final_tokens"] > 0 and summary["final_bitwise_equal_tokens"] == summary["final_tokens"]
+    assert summary["checks"]["trainer_logprobs_bitwise_equal_engine_logprobs"] is True
+
+
+def test_trainer_recomputes_the_rollout_logprobs_bitwise_in_ep2_pp2(demo):
+    assert_bitwise_on_policy(demo["summary"])
+
+
+def test_trainer_recomputes_the_rollout_logprobs_bitwise_in_world_size_1(world_size_1):
+    assert_bitwise_on_policy(world_size_1["summary"])
+    assert world_size_1["summary"]["ok"] is True
+
+
+@pytest.mark.parametrize("layout", [("--ep", "2", "--pp", "1"), ("--ep", "1", "--pp", "2"),
+                                    ("--ep", "1", "--pp", "2", "--vpp", "2")],
+                         ids=["ep2", "pp2", "pp2-vpp2"])
+def test_trainer_recomputes_the_rollout_logprobs_bitwise_in_every_layout(tmp_path, layout):
+    run = run_demo(tmp_path, *layout)
+    assert run["summary"]["ok"] is True, run["summary"]["checks"]
+    assert_bitwise_on_policy(run["summary"])
+    assert "train_rollout_logprob_abs_diff = 0.0" in run["stderr"]
+
+
+def test_without_the_mode_the_exact_gate_stops_the_demo_at_the_first_differing_token_and_layer(tmp_path):
+    """Both ways: the default kernels differ (the gate names where), and the gate is what stops the run."""
+    proc = demo_process(tmp_path, "--ep", "1", "--pp", "1", "--no-true-on-policy",
+                        env={"MOELORA_ONPOLICY_GATE": "exact"})
+    assert proc.returncode == 1, proc.stderr[-4000:]
+    assert "step 1: train_rollout_logprob_abs_diff = " in proc.stderr
+    assert "breaks MOELORA_ONPOLICY_GATE=exact" in proc.stderr
+    assert "first differing token: sequence " in proc.stderr
+    assert "first differing layer: model.layers." in proc.stderr
+    diff = float(proc.stderr.split("step 1: train_rollout_logprob_abs_diff = ")[1].split()[0])
+    assert 0.0 < diff < 1e-4
 
 
 def test_per_step_lines_show_reward_logprob_diff_sync_and_audit(demo):

@@ -153,6 +153,19 @@ class RolloutEngine:
         finally:
             self.llm.collective_rpc("remove_lora", args=(DISK_CHECK_ID,))
 
+    def layer_outputs(self, tokens: list[int]) -> dict[int, Any]:
+        """Every decoder layer's output (hidden + residual, as the trainer's layer returns it) for ``tokens``
+        scored as one prompt with the policy adapter."""
+        from vllm import SamplingParams
+
+        self.llm.collective_rpc(_capture_layers, args=(True,))
+        try:
+            self.llm.generate([{"prompt_token_ids": tokens}], SamplingParams(max_tokens=1, temperature=0.0),
+                              lora_request=self.policy(), use_tqdm=False)
+            return self.llm.collective_rpc(_capture_layers, args=(False,))[0]
+        finally:
+            self.llm.collective_rpc(_capture_layers, args=(False,))
+
     def shutdown(self) -> None:
         import gc
 
@@ -173,3 +186,26 @@ def _cpu_only() -> bool:
     import torch
 
     return not torch.cuda.is_available()
+
+
+def _capture_layers(worker: Any, start: bool) -> dict[int, Any]:
+    """Runs in the vLLM worker: ``start`` hooks every decoder layer (first call per layer kept); otherwise
+    removes the hooks and returns what they captured."""
+    model = worker.model_runner.model
+    if start:
+        captured: dict[int, Any] = {}
+
+        def hook(index: int) -> Any:
+            def keep(module: Any, args: Any, output: Any) -> None:
+                hidden, residual = output
+                captured.setdefault(index, (hidden + residual).detach().clone())
+            return keep
+
+        worker._moelora_layer_capture = (captured, [layer.register_forward_hook(hook(i))
+                                                    for i, layer in enumerate(model.model.layers)])
+        return {}
+    captured, handles = getattr(worker, "_moelora_layer_capture", ({}, []))
+    for handle in handles:
+        handle.remove()
+    worker._moelora_layer_capture = ({}, [])
+    return captured

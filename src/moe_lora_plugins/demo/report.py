@@ -106,6 +106,8 @@ class StepFigures:
     rollout_seconds: float
     train_seconds: float
     sync: SyncFigures
+    bitwise_equal_tokens: int = 0
+    tokens: int = 0
 
 
 @dataclass
@@ -123,6 +125,9 @@ class DemoSummary:
     workdir: str = ""
     lora_kinds: dict[str, dict[str, Any]] = field(default_factory=dict)
     dense_mlp_engine_effect: float | None = None
+    true_on_policy: bool = False
+    final_bitwise_equal_tokens: int = 0
+    final_tokens: int = 0
 
     def syncs(self) -> list[SyncFigures]:
         return ([self.initial_sync] if self.initial_sync else []) + [s.sync for s in self.steps]
@@ -142,6 +147,10 @@ class DemoSummary:
         }
         if self.dense_mlp_engine_effect is not None:
             checks["dense_mlp_lora_moves_engine_logprobs"] = self.dense_mlp_engine_effect > 0
+        if self.true_on_policy:
+            checks["trainer_logprobs_bitwise_equal_engine_logprobs"] = bool(self.steps) and all(
+                s.train_rollout_logprob_max_abs_diff == 0.0 and s.tokens > 0 and s.bitwise_equal_tokens == s.tokens
+                for s in self.steps) and self.final_tokens > 0 and self.final_bitwise_equal_tokens == self.final_tokens
         return checks
 
     @property
@@ -153,6 +162,19 @@ class DemoSummary:
         out["checks"] = self.checks()
         out["ok"] = self.ok
         return out
+
+
+def reward_plot(rewards: list[float], height: int = 6) -> list[str]:
+    """A text plot of the mean reward per step (0..1 on the vertical axis), one column per step."""
+    if not rewards:
+        return []
+    rows = ["  mean reward per step:"]
+    for level in range(height, 0, -1):
+        top = level / height
+        marks = "".join("#" if r >= top - 0.5 / height else " " for r in rewards)
+        rows.append(f"  {top:4.2f} |{marks}")
+    rows.append(f"       +{'-' * len(rewards)} steps 1..{len(rewards)}")
+    return rows
 
 
 class Reporter:
@@ -210,12 +232,15 @@ class Reporter:
                 f"logprobs moved {sync.engine_change:.2e}{'' if sync.adapter_changed else ' (adapter unchanged)'}")
 
     def step_header(self) -> None:
-        self.line(f"  {'step':>4}  {'reward':>6}  {'train_rollout_logprob_abs_diff':>30}  {'loss':>8}  "
-                  f"{'rollout':>7}  {'train':>6}")
+        self.line(f"  {'step':>4}  {'reward':>6}  {'trainer vs engine log-probs':>36}  {'bitwise equal':>13}  "
+                  f"{'loss':>8}  {'rollout':>7}  {'train':>6}")
 
     def step(self, figures: StepFigures) -> None:
-        self.line(f"  {figures.step:>4}  {figures.reward:6.3f}  {figures.train_rollout_logprob_abs_diff:30.2e}  "
-                  f"{figures.loss:8.4f}  {figures.rollout_seconds:6.2f}s  {figures.train_seconds:5.2f}s")
+        diff = figures.train_rollout_logprob_abs_diff
+        shown = "= 0.0" if diff == 0.0 else f"= {diff:.2e}"
+        equal = f"{figures.bitwise_equal_tokens}/{figures.tokens}"
+        self.line(f"  {figures.step:>4}  {figures.reward:6.3f}  {'train_rollout_logprob_abs_diff ' + shown:>36}  "
+                  f"{equal:>13}  {figures.loss:8.4f}  {figures.rollout_seconds:6.2f}s  {figures.train_seconds:5.2f}s")
         self.line("        " + self.sync_line("", figures.sync).strip())
 
     def summary(self, summary: DemoSummary) -> None:
@@ -236,8 +261,16 @@ class Reporter:
             diffs = [s.train_rollout_logprob_abs_diff for s in summary.steps]
             if summary.final_train_rollout_logprob_abs_diff is not None:
                 diffs.append(summary.final_train_rollout_logprob_abs_diff)
-            self.line(f"  train_rollout_logprob_abs_diff: max {max(diffs):.2e} over {len(diffs)} rollout batches "
-                      "(float32 Megatron vs vLLM CPU kernels; not 0 without the true-on-policy work, see docs/demo.md)")
+            tokens = sum(s.tokens for s in summary.steps) + summary.final_tokens
+            equal = sum(s.bitwise_equal_tokens for s in summary.steps) + summary.final_bitwise_equal_tokens
+            mode = ("true-on-policy mode on: both sides run moe_lora_plugins.onpolicy.ops" if summary.true_on_policy
+                    else "true-on-policy mode off: Megatron's and vLLM's own float32 kernels")
+            self.line(f"  train_rollout_logprob_abs_diff: max {max(diffs):.2e} over {len(diffs)} rollout batches, "
+                      f"{equal}/{tokens} tokens bitwise equal ({mode})")
+            curve = [s.reward for s in summary.steps] + ([summary.final_reward] if summary.final_reward is not None
+                                                         else [])
+            for row in reward_plot(curve):
+                self.line(row)
         if summary.lora_kinds:
             self.line(f"  LoRA (from the synced adapter's tensors): {describe_lora_kinds(summary.lora_kinds)}")
         syncs = summary.syncs()

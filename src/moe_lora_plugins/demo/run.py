@@ -78,6 +78,11 @@ class Demo:
         self.adapter: dict[str, Any] | None = None
         self.adapter_config: dict[str, Any] | None = None
         self.senders: list[int] = []
+        from moe_lora_plugins.onpolicy.gate import gate_setting
+
+        # MOELORA_ONPOLICY_GATE if set; else exact with the mode on (the demo's promise) and off without it.
+        self.gate = gate_setting() if os.environ.get("MOELORA_ONPOLICY_GATE") else \
+            ("exact" if config.true_on_policy else "off")
 
     def run(self) -> DemoSummary:
         validate(self.config)
@@ -148,6 +153,7 @@ class Demo:
             workdir=str(self.workdir),
         )
         summary.startup_seconds = startup
+        summary.true_on_policy = c.true_on_policy
         summary.patches, summary.required_patches = self._patch_statuses()
         with r.phase("first sync: the initial adapter (LoRA B = 0) to the engine"):
             summary.initial_sync = self._sync(0)
@@ -159,8 +165,9 @@ class Demo:
             summary.steps.append(figures)
             r.step(figures)
         with r.phase("final check: rollouts with the last adapter, recomputed by the trainer"):
-            reward, diff, _ = self._rollout_and_recompute(c.steps + 1, update=False)
+            reward, diff, extra = self._rollout_and_recompute(c.steps + 1, update=False)
         summary.final_reward, summary.final_train_rollout_logprob_abs_diff = reward, diff
+        summary.final_bitwise_equal_tokens, summary.final_tokens = extra["bitwise_equal_tokens"], extra["tokens"]
         summary.lora_kinds = lora_kinds(self.adapter or {})
         if "dense_mlp" in summary.lora_kinds:
             with r.phase("dense-MLP check: the last adapter with and without its dense-MLP LoRA, in vLLM"):
@@ -207,16 +214,37 @@ class Demo:
                 loss += result.loss
         if torch.isnan(trainer).any():
             raise RuntimeError("the trainer's last pipeline stage did not return a logprob for every rollout token")
-        diff = (trainer - batch.rollout_logprobs).abs()
+        from moe_lora_plugins.onpolicy.gate import check_step, logprob_diff
+
+        report = logprob_diff(trainer, batch.rollout_logprobs)
+        check_step(report, self.gate, step=step,
+                   locate_layer=lambda seq: self._first_differing_layer(batch.tokens[seq].tolist()))
         reward = sum(rewards) / len(rewards)
-        return reward, float(diff.mean()), {"max_diff": float(diff.max()), "loss": loss,
-                                            "rollout_seconds": rollouts.seconds, "train_seconds": train_seconds}
+        return reward, report.train_rollout_logprob_abs_diff, {
+            "max_diff": report.max_abs_diff, "loss": loss, "rollout_seconds": rollouts.seconds,
+            "train_seconds": train_seconds, "bitwise_equal_tokens": report.bitwise_equal_tokens,
+            "tokens": report.tokens}
+
+    def _first_differing_layer(self, tokens: list[int]) -> str | None:
+        """Score ``tokens`` on both sides with every decoder layer's output captured; the first layer whose
+        output differs (``None`` when all agree: the difference is in the head or the sampler)."""
+        import torch
+
+        engine = self.engine.layer_outputs(tokens)
+        trainer: dict[int, Any] = {}
+        for part in self.pool.call("layer_outputs", tokens):
+            trainer.update(part)
+        for layer in sorted(engine):
+            if layer in trainer and not torch.equal(engine[layer], trainer[layer]):
+                worst = float((engine[layer] - trainer[layer]).abs().max())
+                return f"model.layers.{layer} (max |diff| {worst:.2e})"
+        return None
 
     def _step(self, step: int) -> StepFigures:
         reward, diff, extra = self._rollout_and_recompute(step, update=True)
         sync = self._sync(step)
         return StepFigures(step, reward, diff, extra["max_diff"], extra["loss"], extra["rollout_seconds"],
-                           extra["train_seconds"], sync)
+                           extra["train_seconds"], sync, extra["bitwise_equal_tokens"], extra["tokens"])
 
     def _sync(self, version: int) -> SyncFigures:
         """Trainer exports and sends; the engine receives, validates, swaps; then the engine-side checks."""

@@ -258,6 +258,33 @@ class TrainerRank:
             result.loss = float(sum(float(item["loss"]) for item in losses))
         return result
 
+    def layer_outputs(self, tokens: list[int]) -> dict[int, Any]:
+        """Every local decoder layer's output for ``tokens`` scored alone (data-parallel rank 0 answers; the
+        other replicas score a copy so that expert-parallel peers run the MoE layers together)."""
+        import torch
+        from megatron.core import parallel_state as ps
+
+        dp_size = ps.get_data_parallel_world_size()
+        batch = RolloutBatch(torch.tensor([tokens] * dp_size, dtype=torch.int64), len(tokens) - 1,
+                             torch.zeros(dp_size), torch.zeros(dp_size, 1))
+        captured: dict[int, Any] = {}
+        handles = []
+        for chunk in self.model:
+            module = chunk
+            while hasattr(module, "module") and not hasattr(module, "decoder"):
+                module = module.module
+            for layer in module.decoder.layers:
+                def keep(mod: Any, args: Any, output: Any, index: int = layer.layer_number - 1) -> None:
+                    hidden = output[0] if isinstance(output, tuple) else output
+                    captured[index] = hidden[:, 0].detach().clone()
+                handles.append(layer.register_forward_hook(keep))
+        try:
+            self.step(batch, update=False)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return captured if ps.get_data_parallel_rank() == 0 else {}
+
     def _reduce_gradients(self) -> None:
         """Sum LoRA gradients over the replicas that saw other samples: the data-parallel group for
         attention adapters, the expert-data-parallel group for expert adapters. The loss is already

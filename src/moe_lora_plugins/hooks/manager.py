@@ -24,6 +24,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 # registered as it is.
 BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (
     ("lora_actor", "moe_lora_plugins.plugins.lora_actor"),
+    ("true_on_policy", "moe_lora_plugins.plugins.true_on_policy"),
 )
 
 logger = logging.getLogger("moe_lora_plugins.hooks")

@@ -269,27 +269,36 @@ class _AllReduceSum:
 
 
 class _AllGatherRows:
-    """Concatenate every rank's rows in rank order; the gradient of a rank's rows is summed over ranks."""
+    """Concatenate every rank's rows in rank order (ranks may hold different row counts); the gradient of a
+    rank's rows is the sum over ranks of the gradient they computed for them."""
 
     @staticmethod
-    def apply(tensor: Any, group: Any, rank: int, size: int) -> Any:
+    def apply(tensor: Any, group: Any, rank: int, size: int) -> tuple[Any, list[int]]:
         import torch
+        import torch.distributed as dist
+
+        counts = [torch.zeros(1, dtype=torch.int64) for _ in range(size)]
+        dist.all_gather(counts, torch.tensor([tensor.shape[0]], dtype=torch.int64), group=group)
+        rows = [int(c) for c in counts]
+        widest = max(rows)
+
+        def padded(x: Any) -> Any:
+            return torch.nn.functional.pad(x, (0, 0, 0, widest - x.shape[0])) if x.shape[0] < widest else x
 
         class _Fn(torch.autograd.Function):
             @staticmethod
             def forward(ctx: Any, x: Any) -> Any:  # noqa: D102
-                parts = [torch.empty_like(x) for _ in range(size)]
-                torch.distributed.all_gather(parts, x.contiguous(), group=group)
-                ctx.rows = x.shape[0]
-                return torch.cat(parts)
+                parts = [x.new_empty(widest, *x.shape[1:]) for _ in range(size)]
+                dist.all_gather(parts, padded(x.contiguous()), group=group)
+                return torch.cat([part[:n] for part, n in zip(parts, rows, strict=True)])
 
             @staticmethod
             def backward(ctx: Any, grad: Any) -> Any:  # noqa: D102
-                grad = grad.contiguous().clone()
-                torch.distributed.all_reduce(grad, group=group)
-                return grad[rank * ctx.rows : (rank + 1) * ctx.rows]
+                stacked = torch.stack([padded(g) for g in grad.contiguous().split(rows)])
+                dist.all_reduce(stacked, group=group)
+                return stacked[rank, : rows[rank]]
 
-        return _Fn.apply(tensor)
+        return _Fn.apply(tensor), rows
 
 
 def moe_layer_forward(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
@@ -322,12 +331,11 @@ def moe_layer_forward(wrapped: Any, instance: Any, args: tuple, kwargs: dict) ->
     size = torch.distributed.get_world_size(group) if group is not None and torch.distributed.is_initialized() else 1
     if size > 1:
         rank = torch.distributed.get_rank(group)
-        all_x = _AllGatherRows.apply(x, group, rank, size)
-        gathered = [torch.empty_like(ids) for _ in range(size)]
-        torch.distributed.all_gather(gathered, ids.contiguous(), group=group)
-        all_ids = torch.cat(gathered)
+        all_x, rows = _AllGatherRows.apply(x, group, rank, size)
+        with torch.no_grad():
+            all_ids, _ = _AllGatherRows.apply(ids, group, rank, size)
     else:
-        rank, all_x, all_ids = 0, x, ids
+        rank, all_x, all_ids, rows = 0, x, ids, [x.shape[0]]
     first = instance.local_expert_indices[0]
 
     def run_expert(expert: int, rows: Any) -> Any:
@@ -337,6 +345,7 @@ def moe_layer_forward(wrapped: Any, instance: Any, args: tuple, kwargs: dict) ->
     slots = ops.routed_expert_outputs(all_x, all_ids, instance.local_expert_indices, run_expert, width)
     if size > 1:
         slots = _AllReduceSum.apply(slots, group)
-        slots = slots[rank * x.shape[0] : (rank + 1) * x.shape[0]]
+        first_row = sum(rows[:rank])
+        slots = slots[first_row : first_row + rows[rank]]
     out = ops.combine_topk(slots, weights).to(hidden.dtype)
     return out.reshape(seq, batch, width), None

@@ -281,21 +281,33 @@ def cpu_attention_forward(wrapped: Any, instance: Any, args: tuple, kwargs: dict
     store[slots[valid], 0] = key[:count][valid]
     store[slots[valid], 1] = value[:count][valid]
     starts = metadata.query_start_loc.tolist()
-    lengths = metadata.seq_lens.tolist()
+    lengths = metadata.seq_lens.tolist()[: len(starts) - 1]
     out = output[:count].view(count, instance.num_heads, instance.head_size)
     scale = ops.canonical_scale(instance.scale, instance.head_size)
-    for request, seq_len in enumerate(lengths):
-        first, last = starts[request], starts[request + 1]
-        if last <= first:
-            continue
-        key_positions = torch.arange(seq_len, device=query.device)
-        table = metadata.block_table[request].long()
-        cache_slots = table[key_positions // block_size] * block_size + key_positions % block_size
-        cached = store[cache_slots]
-        query_positions = key_positions[seq_len - (last - first) :]
-        allowed = ops.causal_allowed(query_positions, key_positions)[None]
-        out[first:last] = ops.attention(query[first:last][None], cached[:, 0][None], cached[:, 1][None],
-                                        allowed, scale)[0].to(out.dtype)
+    # Every request in one call, padded to the longest query and key range: padded keys are masked, so
+    # they add exact zeros, and padded queries are dropped (ops.attention's padding invariance).
+    requests = [(i, starts[i], starts[i + 1], seq_len) for i, seq_len in enumerate(lengths)
+                if starts[i + 1] > starts[i]]
+    if not requests:
+        return output
+    width_q = max(last - first for _, first, last, _ in requests)
+    width_k = max(seq_len for *_, seq_len in requests)
+    positions = torch.arange(width_k, device=query.device)
+    tables = metadata.block_table[: len(lengths)].long()
+    q = query.new_zeros(len(requests), width_q, *query.shape[1:])
+    kv_slots = torch.zeros(len(requests), width_k, dtype=torch.long, device=query.device)
+    allowed = torch.zeros(len(requests), width_q, width_k, dtype=torch.bool, device=query.device)
+    for row, (request, first, last, seq_len) in enumerate(requests):
+        count_q = last - first
+        q[row, :count_q] = query[first:last]
+        kv_slots[row, :seq_len] = tables[request][positions[:seq_len] // block_size] * block_size \
+            + positions[:seq_len] % block_size
+        allowed[row, :count_q, :seq_len] = ops.causal_allowed(positions[seq_len - count_q : seq_len],
+                                                               positions[:seq_len])
+    cached = store[kv_slots]  # [requests, keys, 2, kv heads, dim]
+    result = ops.attention(q, cached[:, :, 0], cached[:, :, 1], allowed, scale)
+    for row, (_, first, last, _) in enumerate(requests):
+        out[first:last] = result[row, : last - first].to(out.dtype)
     return output
 
 
