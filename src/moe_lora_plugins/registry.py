@@ -193,6 +193,8 @@ def _raw_attribute(owner: Any, name: str) -> tuple[Any, bool]:
         if name in owner.__dict__:
             return owner.__dict__[name], False
         for base in owner.__mro__[1:]:
+            if base is object:  # object's own __new__ / __init__ / ...: the class does not define it
+                break
             if name in base.__dict__:
                 return base.__dict__[name], True
         raise AttributeError(name)

@@ -86,6 +86,12 @@ def on_policy_engine(tmp_path_factory: pytest.TempPathFactory):
             os.environ["MOELORA_TRUE_ON_POLICY"] = previous
 
 
+@pytest.fixture(autouse=True)
+def _mode_on(monkeypatch):
+    """The root conftest clears MOELORA_* before each test; the engine reads the switch at every call."""
+    monkeypatch.setenv("MOELORA_TRUE_ON_POLICY", "on")
+
+
 def _greedy(llm, prompts: list[list[int]], adapter: str, steps: int = STEPS) -> list[tuple[list[int], list[float]]]:
     from vllm import SamplingParams
     from vllm.lora.request import LoRARequest

@@ -24,12 +24,14 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--samples", type=int, default=16, help="rollouts per step (default 16)")
     p.add_argument("--group-size", type=int, default=4, help="rollouts per prompt, the GRPO group (default 4)")
     p.add_argument("--task-length", type=int, default=4, help="tokens to copy per prompt (default 4)")
+    p.add_argument("--alphabet", type=int, default=8, help="distinct symbols of the copy task (default 8)")
     p.add_argument("--lora-rank", type=int, default=4, help="LoRA rank (default 4)")
     p.add_argument("--lora-alpha", type=float, default=8.0, help="LoRA alpha (default 8)")
     p.add_argument("--lr", type=float, default=0.05, help="Adam learning rate on the LoRA parameters")
     p.add_argument("--seed", type=int, default=0, help="seed of the model, prompts and sampling (default 0)")
     p.add_argument("--workdir", default=None, help="where the model and logs go (default: a new temp dir)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line on stdout")
+    p.add_argument("--plot", default=None, metavar="FILE", help="write the reward curve as a PNG to FILE")
     p.add_argument("--true-on-policy", dest="true_on_policy", action=argparse.BooleanOptionalAction, default=True,
                    help="true-on-policy mode in trainer and engine (default on): the trainer's log-probs equal "
                    "the engine's bit for bit; --no-true-on-policy shows the default kernels' diff")
@@ -43,7 +45,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
 
     config = DemoConfig(
         steps=args.steps, ep=args.ep, pp=args.pp, vpp=args.vpp, trainer_procs=args.trainer_procs,
-        samples=args.samples, group_size=args.group_size, task_length=args.task_length,
+        samples=args.samples, group_size=args.group_size, task_length=args.task_length, alphabet=args.alphabet,
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, learning_rate=args.lr, seed=args.seed,
         workdir=args.workdir, true_on_policy=args.true_on_policy,
     )
@@ -62,6 +64,11 @@ def run_demo_command(args: argparse.Namespace) -> int:
         print(f"moe-lora-plugins demo failed: {exc}\n(logs: {demo.logs})", file=sys.stderr)
         return 1
     reporter.summary(summary)
+    if args.plot:
+        from moe_lora_plugins.demo.plot import write_reward_png
+
+        curve = [s.reward for s in summary.steps] + ([summary.final_reward] if summary.final_reward is not None else [])
+        reporter.line(f"  reward curve written to {write_reward_png(args.plot, curve)}")
     if args.json:
         print(json.dumps(summary.to_json(), separators=(",", ":")), flush=True)
     if not summary.ok:

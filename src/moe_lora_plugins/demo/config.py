@@ -38,6 +38,7 @@ class DemoConfig:
     samples: int = 16
     group_size: int = 4
     task_length: int = 4
+    alphabet: int = 8
     lora_rank: int = 4
     lora_alpha: float = 8.0
     learning_rate: float = 0.05
@@ -110,6 +111,8 @@ def layout_problems(config: DemoConfig) -> list[str]:
             f"but each data-parallel replica gets {config.samples // config.ep} samples; choose --samples as a "
             f"multiple of {config.ep * config.pp}"
         )
+    if config.alphabet < 2 or 4 + config.alphabet > spec.vocab_size:
+        problems.append(f"--alphabet {config.alphabet}: choose 2..{spec.vocab_size - 4} task symbols")
     if config.steps < 1:
         problems.append(f"--steps {config.steps}: run at least one step")
     if config.lora_rank < 1 or config.lora_rank > VLLM_LORA_RANKS[-1]:

@@ -63,7 +63,7 @@ class Demo:
     def __init__(self, config: DemoConfig, reporter: Reporter) -> None:
         self.config = config
         self.reporter = reporter
-        self.task = CopyTask(length=config.task_length)
+        self.task = CopyTask(length=config.task_length, alphabet=config.alphabet)
         if config.workdir:
             self.workdir = Path(config.workdir)
             self.workdir.mkdir(parents=True, exist_ok=True)

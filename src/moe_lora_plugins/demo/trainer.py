@@ -327,23 +327,29 @@ class TrainerRank:
         return sorted(layers)
 
     def export_and_send(self, version: int, want_adapter: bool) -> SyncResult:
-        """Audit Megatron-Bridge's adapter export, gather the adapter, send this stage's layers."""
+        """Megatron-Bridge's patched, audited ``export_adapter_weights`` stream on this rank is what its stage
+        sends (no gather of whole adapters); this suite's own gather is only an independent cross-check."""
         from moe_lora_plugins.lora.export import gather_adapter
-        from moe_lora_plugins.sync.sender import send_lora_adapter
+        from moe_lora_plugins.lora.wire import encode
+        from moe_lora_plugins.sync.sender import send_lora_adapter, tensors_from_export
 
         start = time.perf_counter()
         audit = self._audited_bridge_export()
-        adapter = gather_adapter(self.model, bridge=self.bridge, dst=None)
-        audit["agrees_with_gather"] = _bridge_stream_agrees(audit.pop("stream"), adapter.tensors)
-        result = SyncResult(rank=_rank(), sender=self.sender, audit=audit, adapter_bytes=adapter.nbytes())
+        stream = [(name, tensor.detach()) for name, tensor in audit.pop("stream")]
+        tensors = tensors_from_export(stream)
+        config = _peft_config(tensors, self.settings.lora_alpha, self.settings.model_dir)
+        check = gather_adapter(self.model, bridge=self.bridge, dst=None)
+        audit["agrees_with_gather"] = _bridge_stream_agrees(stream, check.tensors)
+        adapter_bytes = sum(t.numel() * t.element_size() for t in encode(tensors, dedupe="content").tensors.values())
+        result = SyncResult(rank=_rank(), sender=self.sender, audit=audit, adapter_bytes=adapter_bytes)
         result.export_seconds = time.perf_counter() - start
         if want_adapter and _rank() == 0:
-            result.adapter = {name: t.clone() for name, t in adapter.tensors.items()}
-            result.config = adapter.peft_config()
+            result.adapter = {name: t.detach().clone() for name, t in tensors.items()}
+            result.config = config
         if self.sync_group is not None:
             start = time.perf_counter()
-            report = send_lora_adapter(adapter, self.sync_group, [0], sender=self.sender, version=version,
-                                       layers=self.owned_layers())
+            report = send_lora_adapter(stream, self.sync_group, [0], sender=self.sender, version=version,
+                                       layers=self.owned_layers(), config=config)
             result.send_seconds = time.perf_counter() - start
             result.sent_bytes, result.sent_tensors, result.buckets = (
                 report.payload_bytes, report.tensors, report.buckets)
@@ -391,6 +397,18 @@ class _Microbatch:
             return onpolicy.token_logprobs(scored, self.tokens[:, self.prompt_len :])
         logprobs = torch.log_softmax(scored, dim=-1)
         return logprobs.gather(-1, self.tokens[:, self.prompt_len :, None]).squeeze(-1)
+
+
+def _peft_config(tensors: Mapping[str, Any], alpha: float, base_model: str) -> dict[str, Any]:
+    """The ``adapter_config.json`` of an exported adapter: rank from its LoRA A, targets from its module names."""
+    ranks = {int(t.shape[0]) for name, t in tensors.items() if ".lora_A." in name}
+    if len(ranks) != 1:
+        raise TrainerError(f"the exported adapter mixes LoRA ranks {sorted(ranks)}; the demo uses one rank")
+    targets = sorted({name.split(".lora_")[0].rsplit(".", 1)[-1] for name in tensors})
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+            "r": ranks.pop(), "lora_alpha": alpha, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+            "use_rslora": False, "target_modules": targets, "rank_pattern": {}, "alpha_pattern": {},
+            "modules_to_save": None}
 
 
 def _bridge_stream_agrees(stream: list[tuple[str, Any]], peft: Mapping[str, Any]) -> bool:

@@ -45,14 +45,18 @@ def layer_of(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def sync_pieces(tensors: Mapping[str, Any], layers: Collection[int] | None = None, compact: bool = True) -> list[AdapterPiece]:
-    """The pieces one sender sends: its layers only (all when ``layers`` is None), in the compact wire form."""
+def sync_pieces(tensors: Mapping[str, Any], layers: Collection[int] | None = None, compact: bool = True,
+                dedupe: str = "identity") -> list[AdapterPiece]:
+    """The pieces one sender sends: its layers only (all when ``layers`` is None), in the compact wire form.
+
+    ``dedupe="content"`` also sends equal tensors that are distinct objects once (an export stream yields
+    q/k/v's shared LoRA A as three copies)."""
     mine = {k: v for k, v in tensors.items() if layers is None or layer_of(k) in layers}
     if not compact:
         return [AdapterPiece(k, v) for k, v in sorted(mine.items())]
     from moe_lora_plugins.lora.wire import encode
 
-    return pieces_from_wire(encode(mine))
+    return pieces_from_wire(encode(mine, dedupe=dedupe))
 
 
 def send_lora_adapter(
@@ -67,10 +71,12 @@ def send_lora_adapter(
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     device: Any = "cpu",
     compact: bool = True,
+    dedupe: str | None = None,
 ) -> SendReport:
     """Send an exported adapter (``LoraAdapter``, ``{name: tensor}`` or export stream) from one trainer rank.
 
-    ``config`` defaults to the ``LoraAdapter``'s PEFT config; with a dict or stream, pass it.
+    ``config`` defaults to the ``LoraAdapter``'s PEFT config; with a dict or stream, pass it. ``dedupe``
+    defaults to ``"identity"``, and to ``"content"`` for an export stream (whose shared tensors are copies).
     """
     if hasattr(adapter, "tensors") and hasattr(adapter, "peft_config"):
         tensors, config = adapter.tensors, config or adapter.peft_config()
@@ -78,5 +84,6 @@ def send_lora_adapter(
         tensors = adapter
     else:
         tensors = tensors_from_export(adapter)
-    return send_adapter(sync_pieces(tensors, layers, compact), group, receivers, sender=sender, version=version,
+        dedupe = dedupe or "content"
+    return send_adapter(sync_pieces(tensors, layers, compact, dedupe or "identity"), group, receivers, sender=sender, version=version,
                         bucket_bytes=bucket_bytes, config=dict(config) if config is not None else None, device=device)
