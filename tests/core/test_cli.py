@@ -124,3 +124,9 @@ def test_the_installed_console_script_runs_doctor_json():
     assert [r["id"] for r in report["patches"]] == [s.id for s in get_registry().specs]
     assert all(r["versions"] and r["status"] for r in report["patches"])
     assert report["bootstrap_pth"], "pip install . must install moe_lora_plugins.pth"
+
+
+def test_the_source_tree_holds_no_wheels():
+    """Build tools come from the package index (the lint lane installs ruff from PyPI), never from the tree."""
+    wheels = sorted(str(p.relative_to(REPO)) for p in [*REPO.glob("*.whl"), *REPO.glob("src/**/*.whl")])
+    assert wheels == []
