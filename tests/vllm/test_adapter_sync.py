@@ -8,9 +8,9 @@ through vLLM's own loader: the logprobs must be bitwise equal.
 from __future__ import annotations
 
 import pytest
-from tiny_models import adapter_config, make_adapter, peft_reference_logprobs, save_peft_dir
 
-from conftest import PROMPTS, greedy, max_abs_diff, sync_adapter
+from .conftest import PROMPTS, greedy, max_abs_diff, sync_adapter
+from .tiny_models import adapter_config, make_adapter, peft_reference_logprobs, save_peft_dir
 
 pytestmark = pytest.mark.vllm
 

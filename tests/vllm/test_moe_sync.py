@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import LAYERS, NUM_EXPERTS, adapter_config, make_adapter, reference_logprobs, save_peft_dir
 
-from conftest import greedy, max_abs_diff, sync_adapter
+from .conftest import greedy, max_abs_diff, sync_adapter
+from .tiny_models import LAYERS, NUM_EXPERTS, adapter_config, make_adapter, reference_logprobs, save_peft_dir
 
 pytestmark = pytest.mark.vllm
 
@@ -116,11 +116,12 @@ def test_sync_missing_an_expert_is_refused_and_names_it(engine, moe_served, tmp_
 def test_a_megatron_adapter_converted_and_sent_by_two_trainer_stages_is_served_like_its_peft_dir(engine, tmp_path):
     """The trainer path end to end: Megatron LoRA (fused qkv, one grouped expert adapter shared by all
     experts) -> the export's converter -> ``send_lora_adapter`` per pipeline stage -> hot swap."""
-    from tiny_models import make_megatron_moe_adapter, megatron_to_lora_adapter
     from vllm.lora.request import LoRARequest
 
     from moe_lora_plugins.integrations.vllm_worker import lora_request
     from moe_lora_plugins.lora.formats import write_peft_dir
+
+    from .tiny_models import make_megatron_moe_adapter, megatron_to_lora_adapter
 
     megatron = make_megatron_moe_adapter()
     adapter = megatron_to_lora_adapter(megatron, alpha=16)
