@@ -76,27 +76,26 @@ def captured_output() -> Iterator[CapturedOutput]:
         with contextlib.suppress(Exception):
             stream.flush()
     saved_fds: list[tuple[int, int]] = []
-    spool = tempfile.TemporaryFile()
-    for fd in (1, 2):
+    with tempfile.TemporaryFile() as spool:
+        for fd in (1, 2):
+            try:
+                saved_fds.append((fd, os.dup(fd)))
+                os.dup2(spool.fileno(), fd)
+            except OSError:  # no such fd here (a daemon, an embedding): Python-level capture still works
+                continue
         try:
-            saved_fds.append((fd, os.dup(fd)))
-            os.dup2(spool.fileno(), fd)
-        except OSError:  # no such fd here (a daemon, an embedding): Python-level capture still works
-            continue
-    try:
-        with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
-            yield captured
-    finally:
-        for stream in (sys.__stdout__, sys.__stderr__, sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                if stream is not None:
-                    stream.flush()
-        for fd, saved in saved_fds:
-            os.dup2(saved, fd)
-            os.close(saved)
-        spool.seek(0)
-        captured.text = buffer.getvalue() + spool.read().decode("utf-8", "replace")
-        spool.close()
+            with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
+                yield captured
+        finally:
+            for stream in (sys.__stdout__, sys.__stderr__, sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    if stream is not None:
+                        stream.flush()
+            for fd, saved in saved_fds:
+                os.dup2(saved, fd)
+                os.close(saved)
+            spool.seek(0)
+            captured.text = buffer.getvalue() + spool.read().decode("utf-8", "replace")
 
 
 def check_spec(
