@@ -99,8 +99,36 @@ def expected_adapter(hf_config: Mapping[str, Any], peft_config: Mapping[str, Any
     return expected
 
 
+def non_finite_problems(tensors: Mapping[str, Any]) -> list[str]:
+    """One line per tensor holding NaN or +-inf: its name, how many such values, and the first one's index.
+
+    A tensor filed under several names (a shared expert adapter) is scanned once. Integer tensors
+    are finite by construction.
+    """
+    import torch
+
+    problems: list[str] = []
+    verdicts: dict[int, str | None] = {}
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        if id(tensor) not in verdicts:
+            verdict = None
+            if tensor.is_floating_point() or tensor.is_complex():
+                bad = ~torch.isfinite(tensor)
+                count = int(bad.sum())
+                if count:
+                    first = [int(i) for i in bad.nonzero()[0]]
+                    value = tensor[tuple(first)].item()
+                    verdict = f"{count} non-finite value(s) (first: {value} at {first})"
+            verdicts[id(tensor)] = verdict
+        if verdicts[id(tensor)] is not None:
+            problems.append(f"{name} has {verdicts[id(tensor)]}; a NaN or inf adapter would poison the engine")
+    return problems
+
+
 def check_adapter(tensors: Mapping[str, Any], expected: Mapping[str, ExpectedTensor], context: str = "") -> None:
-    """Raise :class:`AdapterValidationError` naming every missing, unexpected or ill-shaped / -typed tensor."""
+    """Raise :class:`AdapterValidationError` naming every missing, unexpected, ill-shaped / -typed tensor and
+    every tensor holding NaN or inf (checked before anything is swapped in)."""
     problems: list[str] = []
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -112,5 +140,6 @@ def check_adapter(tensors: Mapping[str, Any], expected: Mapping[str, ExpectedTen
             problems.append(f"{name} has shape {list(got.shape)}, expected {list(want.shape)}")
         if want.dtype is not None and got.dtype != want.dtype:
             problems.append(f"{name} has dtype {got.dtype}, expected {want.dtype} (the engine's LoRA dtype)")
+    problems += non_finite_problems(tensors)
     if problems:
         raise AdapterValidationError(problems, context)
