@@ -113,7 +113,7 @@ class MoeLoraWorkerExtension:
 
     def moelora_load_adapter_dir(self, name: str, lora_int_id: int, path: str, version: int = 0) -> dict[str, Any]:
         """Disk fallback: read a PEFT directory, validate it and swap it in place like a synced adapter."""
-        from moe_lora_plugins.sync.disk import read_peft_dir
+        from moe_lora_plugins.lora.formats import read_peft_dir
 
         tensors, config = read_peft_dir(path)
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
