@@ -24,6 +24,7 @@ from moe_lora_plugins.registry import (
     _raw_attribute,
     _resolve_owner,
     installed_version,
+    missing_required_symbol,
     signature_fingerprint,
     version_in_range,
 )
@@ -120,6 +121,7 @@ def check_spec(
         "fingerprint_found": None,
         "status": registry.status(spec.id).value,
         "detail": registry.detail(spec.id),
+        "requires": {symbol: None for symbol in spec.requires},
         "why": spec.why,
         "upstream": spec.upstream,
         "remove_when": spec.remove_when,
@@ -140,6 +142,11 @@ def check_spec(
                 raw = registry._record(spec.id).original or raw
             row["fingerprint_found"] = signature_fingerprint(raw)
             row["fingerprint_ok"] = row["fingerprint_found"] == spec.fingerprint
+            for symbol in spec.requires:
+                missing = missing_required_symbol(symbol)
+                row["requires"][symbol] = missing is None
+                if missing is not None:
+                    row["detail"] = f"relies on {symbol}, which is missing ({missing})"
     if row["status"] == "not-activated":  # say what activation would find
         if settings is not None and not settings.patch_enabled(spec.id):
             row["status"] = "disabled"
@@ -149,6 +156,8 @@ def check_spec(
             row["status"] = "incompatible"
         elif row["resolvable"] is False:
             row["status"] = "error" if row.get("import_error") else "missing-symbol"
+        elif False in row["requires"].values():
+            row["status"] = "missing-symbol"
         elif row["fingerprint_ok"] is False:
             row["status"] = "drift"
     return row
@@ -252,6 +261,11 @@ def render_text(report: dict[str, Any], verbose: bool = False) -> str:
         for p in report["patches"]:
             if p["detail"] and p["status"] not in ("applied",):
                 out.append(f"  {p['id']}: {p['detail']}")
+        for p in report["patches"]:
+            if p["requires"]:
+                marks = {True: "ok", False: "MISSING", None: "not checked"}
+                out.append(f"  {p['id']} relies on: "
+                           + ", ".join(f"{s} ({marks[ok]})" for s, ok in p["requires"].items()))
     else:
         out.append("no patches registered")
     noise = report.get("import_output", "").rstrip("\n")

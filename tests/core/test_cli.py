@@ -222,3 +222,16 @@ def test_the_source_tree_holds_no_wheels():
     """Build tools come from the package index (the lint lane installs ruff from PyPI), never from the tree."""
     wheels = sorted(str(p.relative_to(REPO)) for p in [*REPO.glob("*.whl"), *REPO.glob("src/**/*.whl")])
     assert wheels == []
+
+
+def test_doctor_and_the_ledger_name_every_symbol_a_patch_relies_on(tmp_path):
+    specs = {s.id: s for s in get_registry().specs}
+    relying = [s for s in specs.values() if s.requires]
+    assert relying, "the patches that reach private upstream members must declare them"
+    proc = _cli("doctor", "--json", "--no-import")
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["id"]: r for r in json.loads(proc.stdout)["patches"]}
+    ledger = render_ledger(get_registry().specs)
+    for spec in relying:
+        assert list(rows[spec.id]["requires"]) == list(spec.requires)
+        assert all(f"`{symbol}`" in ledger for symbol in spec.requires)
