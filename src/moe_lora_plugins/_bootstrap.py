@@ -23,7 +23,26 @@ def _inside_site_main() -> bool:
     return False
 
 
-def _activate_from_environment() -> None:
+def _strict_requested() -> bool:
+    """``MOELORA_STRICT`` as parsed; a malformed value counts as strict (the user asked for something)."""
+    import os
+
+    from moe_lora_plugins.envs import parse_bool
+
+    try:
+        return parse_bool("MOELORA_STRICT", os.environ.get("MOELORA_STRICT"))
+    except Exception:
+        return True
+
+
+def _activate_from_environment(*, inside_site: bool) -> None:
+    """Activate, or say why not. Under ``MOELORA_STRICT`` (or a ``MOELORA_REQUIRE`` failure) stop the process.
+
+    Without strict mode a failure is reported on stderr and the interpreter runs unpatched, as the
+    README says; with it, a process that cannot be patched as configured must not run at all. Inside
+    ``site.main`` a raised ``SystemExit`` would turn into a "Fatal Python error" with two tracebacks,
+    so there the message is printed and the process exits with status 1 at once.
+    """
     try:
         from moe_lora_plugins.envs import is_switched_on
 
@@ -37,9 +56,17 @@ def _activate_from_environment() -> None:
     except Exception as exc:  # report and let the interpreter start: we are inside site initialisation
         from moe_lora_plugins.errors import RequiredPatchError
 
-        print(f"moe-lora-plugins: activation failed ({type(exc).__name__}): {exc}", file=sys.stderr)
-        if isinstance(exc, RequiredPatchError):
-            raise SystemExit(f"moe-lora-plugins: {exc}") from exc
+        message = f"moe-lora-plugins: activation failed ({type(exc).__name__}): {exc}"
+        if isinstance(exc, RequiredPatchError) or _strict_requested():
+            message += "\nmoe-lora-plugins: stopping this process (MOELORA_STRICT / MOELORA_REQUIRE)"
+            if not inside_site:
+                raise SystemExit(message) from exc
+            import os
+
+            print(message, file=sys.stderr, flush=True)
+            os._exit(1)
+        print(f"{message}\nmoe-lora-plugins: running unpatched (set MOELORA_STRICT=1 to stop instead)",
+              file=sys.stderr)
 
 
 def install() -> None:
@@ -54,13 +81,13 @@ def install() -> None:
     import site
 
     if not _inside_site_main():
-        _activate_from_environment()
+        _activate_from_environment(inside_site=False)
         return
     original = site.execsitecustomize
 
     def execsitecustomize_then_activate() -> None:
         site.execsitecustomize = original
         original()
-        _activate_from_environment()
+        _activate_from_environment(inside_site=True)
 
     site.execsitecustomize = execsitecustomize_then_activate

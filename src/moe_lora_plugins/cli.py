@@ -13,8 +13,11 @@ Subcommand = Callable[[argparse._SubParsersAction], None]
 def _add_doctor(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("doctor", help="show versions, switches, plugins and every patch's status")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--strict", action="store_true", help="exit 1 when an enabled patch is incompatible")
+    p.add_argument("--strict", action="store_true",
+                   help="exit 1 when an enabled patch is incompatible, drifted or missing a symbol")
     p.add_argument("--status-dir", default=None, help="also show the per-process status files in DIR")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show what the upstream packages printed while doctor imported them")
     p.add_argument(
         "--no-import",
         action="store_true",
@@ -24,15 +27,25 @@ def _add_doctor(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_doctor(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from moe_lora_plugins import doctor
 
-    report = doctor.collect(
-        import_targets=not args.no_import, status_dir=args.status_dir or doctor.default_status_dir()
-    )
+    status_dir = args.status_dir or doctor.default_status_dir()
+    if status_dir and not Path(status_dir).is_dir():
+        where = f"--status-dir {status_dir!r}" if args.status_dir else f"MOELORA_STATUS_DIR={status_dir!r}"
+        message = (f"moe-lora-plugins doctor: {where} does not exist or is not a directory; point it at the "
+                   "MOELORA_STATUS_DIR your processes were started with")
+        if args.status_dir:
+            print(message, file=sys.stderr)
+            return 2
+        print(f"{message} (no process has written there yet?)", file=sys.stderr)
+        status_dir = None
+    report = doctor.collect(import_targets=not args.no_import, status_dir=status_dir)
     if args.json:
         print(json.dumps(report, indent=1, default=str))
     else:
-        print(doctor.render_text(report))
+        print(doctor.render_text(report, verbose=args.verbose))
     bad = doctor.failures(report)
     if args.strict and (bad or report["switch_error"]):
         print(f"doctor --strict: failing patches {bad}; switch error: {report['switch_error']}", file=sys.stderr)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata
+import io
 import os
 import platform
 import site
 import sys
 import sysconfig
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +24,7 @@ from moe_lora_plugins.registry import (
     _raw_attribute,
     _resolve_owner,
     installed_version,
+    missing_required_symbol,
     signature_fingerprint,
     version_in_range,
 )
@@ -52,8 +57,56 @@ def _entry_points() -> dict[str, list[str]]:
     return found
 
 
-def check_spec(spec: PatchSpec, registry: PatchRegistry, import_targets: bool) -> dict[str, Any]:
-    """One doctor row: installed version vs range, target resolvable, fingerprint, status here."""
+class CapturedOutput:
+    """What was written while :func:`captured_output` was active."""
+
+    text: str = ""
+
+
+@contextlib.contextmanager
+def captured_output() -> Iterator[CapturedOutput]:
+    """Hold back everything written to stdout and stderr meanwhile: Python writes, warnings, log records
+    (also through handlers that kept a reference to the original stream) and C-level writes to fds 1 and 2.
+
+    Importing the upstream packages prints their own warnings (Transformer Engine, Apex, logged
+    tracebacks); doctor shows them only with ``--verbose``.
+    """
+    captured = CapturedOutput()
+    buffer = io.StringIO()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    saved_fds: list[tuple[int, int]] = []
+    with tempfile.TemporaryFile() as spool:
+        for fd in (1, 2):
+            try:
+                saved_fds.append((fd, os.dup(fd)))
+                os.dup2(spool.fileno(), fd)
+            except OSError:  # no such fd here (a daemon, an embedding): Python-level capture still works
+                continue
+        try:
+            with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
+                yield captured
+        finally:
+            for stream in (sys.__stdout__, sys.__stderr__, sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    if stream is not None:
+                        stream.flush()
+            for fd, saved in saved_fds:
+                os.dup2(saved, fd)
+                os.close(saved)
+            spool.seek(0)
+            captured.text = buffer.getvalue() + spool.read().decode("utf-8", "replace")
+
+
+def check_spec(
+    spec: PatchSpec, registry: PatchRegistry, import_targets: bool, settings: Settings | None = None
+) -> dict[str, Any]:
+    """One doctor row: installed version vs range, target resolvable, fingerprint, status here.
+
+    A patch the settings switch off (``MOELORA_PATCHES`` / ``MOELORA_DISABLED_PATCHES``) reads
+    ``disabled`` whatever its version, so ``--strict`` does not fail on it.
+    """
     dist, version = installed_version(spec)
     in_range = version is not None and version_in_range(spec, version)
     row: dict[str, Any] = {
@@ -68,6 +121,7 @@ def check_spec(spec: PatchSpec, registry: PatchRegistry, import_targets: bool) -
         "fingerprint_found": None,
         "status": registry.status(spec.id).value,
         "detail": registry.detail(spec.id),
+        "requires": {symbol: None for symbol in spec.requires},
         "why": spec.why,
         "upstream": spec.upstream,
         "remove_when": spec.remove_when,
@@ -88,38 +142,54 @@ def check_spec(spec: PatchSpec, registry: PatchRegistry, import_targets: bool) -
                 raw = registry._record(spec.id).original or raw
             row["fingerprint_found"] = signature_fingerprint(raw)
             row["fingerprint_ok"] = row["fingerprint_found"] == spec.fingerprint
+            for symbol in spec.requires:
+                missing = missing_required_symbol(symbol)
+                row["requires"][symbol] = missing is None
+                if missing is not None:
+                    row["detail"] = f"relies on {symbol}, which is missing ({missing})"
     if row["status"] == "not-activated":  # say what activation would find
-        if version is None:
+        if settings is not None and not settings.patch_enabled(spec.id):
+            row["status"] = "disabled"
+        elif version is None:
             row["status"] = "absent"
         elif not in_range:
             row["status"] = "incompatible"
         elif row["resolvable"] is False:
             row["status"] = "error" if row.get("import_error") else "missing-symbol"
+        elif False in row["requires"].values():
+            row["status"] = "missing-symbol"
         elif row["fingerprint_ok"] is False:
             row["status"] = "drift"
     return row
 
 
 def collect(import_targets: bool = True, status_dir: str | None = None) -> dict[str, Any]:
+    """Everything doctor reports, as one JSON-able dict.
+
+    What the plugins and the patch targets print while they are imported is held back in
+    ``report["import_output"]``. A ``status_dir`` that does not exist raises ``NotADirectoryError``.
+    """
     from moe_lora_plugins import __version__
     from moe_lora_plugins.activation import current, get_registry
 
     settings_error = None
     plugins: list[str] = []
     pm = None
-    try:
-        from moe_lora_plugins.hooks.manager import get_plugin_manager, loaded_plugin_names
+    with captured_output() as import_output:
+        try:
+            from moe_lora_plugins.hooks.manager import get_plugin_manager, loaded_plugin_names
 
-        pm = get_plugin_manager(load_settings())
-        plugins = loaded_plugin_names(pm)
-    except Exception as exc:  # show a broken setting or plugin instead of crashing doctor
-        plugins = [f"error: {exc}"]
-    registry = get_registry(pm)
-    try:
-        settings: Settings = load_settings(known_patch_ids=registry.ids())
-    except SettingsError as exc:
-        settings_error = str(exc)
-        settings = Settings()
+            pm = get_plugin_manager(load_settings())
+            plugins = loaded_plugin_names(pm)
+        except Exception as exc:  # show a broken setting or plugin instead of crashing doctor
+            plugins = [f"error: {exc}"]
+        registry = get_registry(pm)
+        try:
+            settings: Settings = load_settings(known_patch_ids=registry.ids())
+        except SettingsError as exc:
+            settings_error = str(exc)
+            settings = Settings()
+        patches = [check_spec(spec, registry, import_targets, settings) for spec in registry.specs]
     report: dict[str, Any] = {
         "moe_lora_plugins": __version__,
         "python": sys.version.split()[0],
@@ -132,7 +202,8 @@ def collect(import_targets: bool = True, status_dir: str | None = None) -> dict[
         "bootstrap_pth": _bootstrap_locations(),
         "entry_points": _entry_points(),
         "plugins": plugins,
-        "patches": [check_spec(spec, registry, import_targets) for spec in registry.specs],
+        "patches": patches,
+        "import_output": import_output.text,
     }
     from moe_lora_plugins.onpolicy.contract import process_status
 
@@ -161,7 +232,8 @@ def _table(rows: list[list[str]]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
 
-def render_text(report: dict[str, Any]) -> str:
+def render_text(report: dict[str, Any], verbose: bool = False) -> str:
+    """The human-readable report; ``verbose`` adds what the upstream imports printed."""
     out = [f"moe-lora-plugins {report['moe_lora_plugins']}  Python {report['python']}  ({report['executable']})"]
     out.append("")
     out.append("packages:")
@@ -198,8 +270,22 @@ def render_text(report: dict[str, Any]) -> str:
         for p in report["patches"]:
             if p["detail"] and p["status"] not in ("applied",):
                 out.append(f"  {p['id']}: {p['detail']}")
+        for p in report["patches"]:
+            if p["requires"]:
+                marks = {True: "ok", False: "MISSING", None: "not checked"}
+                out.append(f"  {p['id']} relies on: "
+                           + ", ".join(f"{s} ({marks[ok]})" for s, ok in p["requires"].items()))
     else:
         out.append("no patches registered")
+    noise = report.get("import_output", "").rstrip("\n")
+    if noise and verbose:
+        out.append("")
+        out.append("output of the upstream imports (captured while checking the targets):")
+        out.extend(f"  | {line}" for line in noise.splitlines())
+    elif noise:
+        out.append("")
+        out.append(f"(the upstream imports printed {len(noise.splitlines())} line(s) while doctor checked the targets: "
+                   "--verbose shows them)")
     if "processes" in report:
         out.append("")
         out.append("processes (status files):")

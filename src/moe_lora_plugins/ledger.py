@@ -17,7 +17,8 @@ do not edit by hand (a test compares this file with the generated text).
 
 Each patch lands through a post-import hook when the host imports its target, only when its
 distribution's installed version is inside the range, and only when the target's signature matches
-the fingerprint it was written for. Anything else is reported at ERROR (raised under
+the fingerprint it was written for, and only when every other upstream symbol it relies on exists.
+Anything else is reported at ERROR (raised under
 `MOELORA_STRICT=1`) and shown by `moe-lora-plugins doctor`.
 """
 
@@ -47,6 +48,8 @@ def render_ledger(specs: Iterable[PatchSpec]) -> str:
             lines.append(f"- **Roles:** {', '.join(sorted(spec.roles))}")
         if spec.aliases:
             lines.append(f"- **Copies rebound:** {', '.join(f'`{a}`' for a in spec.aliases)}")
+        if spec.requires:
+            lines.append(f"- **Relies on (checked at apply time):** {', '.join(f'`{r}`' for r in spec.requires)}")
         lines.append(f"- **Implementation:** `{spec.implementation}`")
         lines.append(f"- **Why:** {spec.why}")
         lines.append(f"- **Upstream:** {spec.upstream}")

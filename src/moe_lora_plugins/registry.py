@@ -72,6 +72,12 @@ class PatchSpec:
     for ``kind="replace"`` the new callable. ``fingerprint`` is what :func:`signature_fingerprint`
     returns for the upstream symbol the patch was written against. ``aliases`` are ``"module:name"``
     places known to hold a ``from target import name`` copy; they are rebound too.
+
+    ``requires`` names every other upstream symbol the implementation relies on (private helpers,
+    attributes it reads): ``"module:dotted.path"`` for a module attribute, class attribute or method,
+    ``"module:Class#attr"`` for an attribute that instances of ``Class`` carry (assigned in one of its
+    methods or a base class's). They are checked when the patch is applied, like the target: one
+    that is missing leaves the patch unapplied with status ``missing-symbol``.
     """
 
     id: str
@@ -88,6 +94,7 @@ class PatchSpec:
     aliases: tuple[str, ...] = ()
     roles: frozenset[str] | None = None
     verified: str = ""
+    requires: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in ("wrap", "replace"):
@@ -99,6 +106,13 @@ class PatchSpec:
         for alias in self.aliases:
             if ":" not in alias:
                 raise ValueError(f"PatchSpec {self.id!r}: alias {alias!r} must be 'module:name'")
+        for symbol in self.requires:
+            module, _, path = symbol.partition(":")
+            if not module or not path or path.count("#") > 1:
+                raise ValueError(
+                    f"PatchSpec {self.id!r}: required symbol {symbol!r} must be 'module:dotted.path' or "
+                    "'module:Class#instance_attribute'"
+                )
 
     @property
     def distributions(self) -> tuple[str, ...]:
@@ -168,6 +182,41 @@ def version_in_range(spec: PatchSpec, version: str) -> bool:
         return False
     # Compare the public version: '0.32.0+cpu' is vLLM 0.32.0 for our purposes.
     return SpecifierSet(spec.versions).contains(Version(parsed.public), prereleases=True)
+
+
+def _names_in_code(code: types.CodeType) -> set[str]:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _names_in_code(const)
+    return names
+
+
+def missing_required_symbol(symbol: str) -> str | None:
+    """None when a ``PatchSpec.requires`` entry resolves; else what is missing, for the error message.
+
+    ``module:a.b`` must resolve by attribute access; ``module:Class#attr`` needs ``Class`` and a method
+    of it (or of a base class) that names ``attr``: instance attributes exist only on instances.
+    """
+    module_name, _, path = symbol.partition(":")
+    path, _, instance_attribute = path.partition("#")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as exc:  # the module itself is gone, or fails to import
+        return f"module {module_name!r} ({type(exc).__name__}: {exc})"
+    for part in path.split("."):
+        if not hasattr(obj, part):
+            return f"{part!r} in {module_name}:{path}"
+        obj = getattr(obj, part)
+    if not instance_attribute:
+        return None
+    for cls in getattr(obj, "__mro__", (obj,)):
+        for value in vars(cls).values():
+            function = getattr(value, "__func__", value)
+            code = getattr(function, "__code__", None)
+            if code is not None and instance_attribute in _names_in_code(code):
+                return None
+    return f"{instance_attribute!r}: no method of {module_name}:{path} (or its bases) sets or reads it"
 
 
 def load_callable(path: str) -> Callable[..., Any]:
@@ -333,6 +382,14 @@ class PatchRegistry:
                 f"patch was written for {spec.fingerprint}; it was not applied. Report it to moe-lora-plugins, "
                 f"or disable the patch with MOELORA_DISABLED_PATCHES={spec.id}."
             )
+        for symbol in spec.requires:
+            missing = missing_required_symbol(symbol)
+            if missing is not None:
+                raise MissingSymbolError(
+                    f"{spec.id}: the patch relies on {symbol}, which {dist} {version} does not have (missing: "
+                    f"{missing}); it was not applied. Upstream moved or renamed it; report it to moe-lora-plugins "
+                    f"with this line, or disable the patch with MOELORA_DISABLED_PATCHES={spec.id}."
+                )
         try:
             implementation = load_callable(spec.implementation)
         except Exception as exc:  # an import error inside our own implementation module

@@ -51,14 +51,41 @@ def _mode() -> str:
         return f"invalid: {exc}"
 
 
+def _malformed(data: Any) -> str | None:
+    """What is wrong with a parsed status file, or None when it has the shape ``StatusWriter`` writes."""
+    if not isinstance(data, dict):
+        return f"malformed: holds a JSON {type(data).__name__}, not an object"
+    patches = data.get("patches", [])
+    if not isinstance(patches, list):
+        return f"malformed: 'patches' is a JSON {type(patches).__name__}, not a list"
+    for i, row in enumerate(patches):
+        if not (isinstance(row, dict) and isinstance(row.get("id"), str) and isinstance(row.get("status"), str)):
+            return f"malformed: patches[{i}] is not an object with string 'id' and 'status'"
+    if not isinstance(data.get("time", 0), (int, float)):
+        return "malformed: 'time' is not a number"
+    return None
+
+
 def read_status_dir(directory: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Every status file in the directory, newest last; unreadable files are reported, not skipped."""
+    """Every status file in the directory, newest last; unreadable or malformed files are reported, not skipped.
+
+    A directory that does not exist is an error (``NotADirectoryError``) naming it.
+    """
+    if not Path(directory).is_dir():
+        raise NotADirectoryError(
+            f"status directory {str(directory)!r} does not exist or is not a directory: point it at the "
+            "MOELORA_STATUS_DIR your processes were started with"
+        )
     out = []
     for path in sorted(Path(directory).glob("status-*.json")):
         try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            data = {"file": path.name, "error": f"unreadable: {exc}", "patches": []}
+            data: Any = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            data = {"error": f"unreadable: {exc}", "patches": []}
+        else:
+            problem = _malformed(data)
+            if problem is not None:
+                data = {"error": problem, "patches": []}
         data["file"] = path.name
         out.append(data)
     out.sort(key=lambda d: d.get("time", 0))

@@ -14,6 +14,9 @@ from moe_lora_plugins.testing.contract import is_module_level, make_standin_site
 
 SPECS = all_specs()
 MODULE_LEVEL = [s for s in SPECS if is_module_level(s)]
+# Every required symbol of every spec, logged; the first of each spec under MOELORA_STRICT too.
+REQUIRING = [(s, symbol, False) for s in SPECS for symbol in s.requires]
+REQUIRING += [(s, s.requires[0], True) for s in SPECS if s.requires]
 
 
 def _ids(spec):
@@ -83,6 +86,27 @@ def test_missing_symbol_is_reported_with_what_moved(spec, strict, tmp_path):
     assert r["status"] == "missing-symbol"
     assert r["raised"] == ("MissingSymbolError" if strict else None)
     assert spec.target_path in r["detail"]
+
+
+def test_the_specs_that_reach_private_upstream_members_declare_them():
+    declared = {s.id: s.requires for s in SPECS}
+    assert "vllm.lora.worker_manager:WorkerLoRAManager#_adapter_manager" in declared["vllm.tensor_lora_requests"]
+    assert ("megatron.bridge.models.conversion.model_bridge:_get_pp_group"
+            in declared["megatron_bridge.local_name_to_global"])
+    assert any(r.endswith("._merge_single_adapter_weight")
+               for r in declared["megatron_bridge.merge_expert_adapters_per_owner"])
+
+
+@pytest.mark.parametrize(("spec", "symbol", "strict"), REQUIRING,
+                         ids=[f"{s.id}-{r}-{'strict' if strict else 'logged'}" for s, r, strict in REQUIRING])
+def test_a_missing_required_symbol_leaves_the_patch_unapplied_and_is_loud(spec, symbol, strict, tmp_path):
+    site = make_standin_site(tmp_path, spec, omit_required=symbol)
+    r = _check(run_case(spec.id, "missing_required", site=site, strict=strict))
+    assert (r["status"], r["untouched"]) == ("missing-symbol", True)
+    assert r["raised"] == ("MissingSymbolError" if strict else None)
+    assert f"relies on {symbol}" in r["detail"]
+    if not strict:
+        assert f"relies on {symbol}" in r["stderr"]  # logged at ERROR
 
 
 @pytest.mark.parametrize("strict", [False, True], ids=["logged", "strict"])

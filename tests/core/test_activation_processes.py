@@ -127,3 +127,23 @@ def test_malformed_switch_is_reported_and_the_interpreter_still_starts():
     out = subprocess.run([sys.executable, "-c", "print('started')"], env=env, capture_output=True, text=True)
     assert out.stdout.strip() == "started"
     assert "MOELORA_PLUGINS='maybe' is not an on/off value" in out.stderr
+
+
+def _start(env_switches: dict[str, str]) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MOELORA_")}
+    env.update(env_switches)
+    return subprocess.run([sys.executable, "-c", "print('started')"], env=env, capture_output=True, text=True)
+
+
+def test_strict_mode_stops_a_process_whose_activation_fails():
+    out = _start({"MOELORA_STRICT": "1", "MOELORA_PLUGINS": "on", "MOELORA_PATCHES": "bogus"})
+    assert out.returncode != 0, out
+    assert "started" not in out.stdout
+    assert "bogus" in out.stderr and "SettingsError" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr and "Fatal Python error" not in out.stderr, out.stderr
+
+
+def test_without_strict_a_failed_activation_says_it_runs_unpatched():
+    out = _start({"MOELORA_PLUGINS": "on", "MOELORA_PATCHES": "bogus"})
+    assert out.returncode == 0 and out.stdout.strip() == "started"
+    assert "bogus" in out.stderr and "running unpatched" in out.stderr, out.stderr

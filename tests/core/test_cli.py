@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from moe_lora_plugins.activation import get_registry
 from moe_lora_plugins.ledger import render_ledger
 
@@ -96,6 +98,96 @@ def test_doctor_shows_a_malformed_switch_and_strict_fails_on_it():
     assert "MOELORA_STRICT='sometimes' is not an on/off value" in proc.stdout
 
 
+NOISY_IMPORT = """
+import logging
+import sys
+import warnings
+
+print("Apex-like: fused kernels not installed", file=sys.stderr)
+print("TE-like: stdout chatter")
+warnings.warn("transformer-engine-like warning at import", UserWarning)
+try:
+    raise RuntimeError("FP8GlobalStateManager-like failure")
+except RuntimeError:
+    logging.getLogger("noisy.upstream").exception("logged traceback at import")
+"""
+
+
+def _noisy_site(tmp_path: Path) -> Path:
+    site = build_fixture_site(tmp_path)
+    core = site / "moelora_fixture_target" / "core.py"
+    core.write_text(NOISY_IMPORT + core.read_text())
+    return site
+
+
+def test_doctor_holds_back_upstream_import_noise_unless_verbose(tmp_path):
+    site = _noisy_site(tmp_path)
+    plain = _cli("doctor", site=site)
+    assert plain.returncode == 0, plain.stderr
+    for noise in ("Apex-like", "TE-like", "transformer-engine-like", "FP8GlobalStateManager-like", "Traceback"):
+        assert noise not in plain.stdout + plain.stderr, noise
+    assert "--verbose shows them" in plain.stdout
+    assert plain.stdout.startswith("moe-lora-plugins ")
+    verbose = _cli("doctor", "--verbose", site=site)
+    assert verbose.returncode == 0, verbose.stderr
+    shown = verbose.stdout.split("output of the upstream imports", 1)[1]
+    for noise in ("Apex-like", "TE-like", "transformer-engine-like", "FP8GlobalStateManager-like", "Traceback"):
+        assert noise in shown, noise
+
+
+def test_doctor_json_stays_parseable_with_noisy_imports(tmp_path):
+    proc = _cli("doctor", "--json", site=_noisy_site(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert "FP8GlobalStateManager-like" in report["import_output"]
+
+
+def test_doctor_strict_does_not_fail_on_a_patch_the_user_disabled(tmp_path):
+    site = build_fixture_site(tmp_path, target_version="3.0")
+    ids = "fixture.compute,fixture.inherited,fixture.classmethod,fixture.staticmethod"
+    proc = _cli("doctor", "--strict", "--json", site=site, env={"MOELORA_DISABLED_PATCHES": ids})
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["id"]: r["status"] for r in json.loads(proc.stdout)["patches"]}
+    assert {rows[i] for i in ids.split(",")} == {"disabled"}
+    allow = _cli("doctor", "--strict", site=site, env={"MOELORA_PATCHES": "vllm.tensor_lora_requests"})
+    assert allow.returncode == 0, allow.stderr
+    enabled = _cli("doctor", "--strict", site=site, env={"MOELORA_DISABLED_PATCHES": "fixture.compute"})
+    assert enabled.returncode == 1 and "fixture.inherited" in enabled.stderr
+
+
+def test_doctor_status_dir_that_does_not_exist_is_a_clear_error(tmp_path):
+    missing = tmp_path / "nonexistent"
+    proc = _cli("doctor", "--status-dir", str(missing))
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert f"--status-dir '{missing}' does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "content,problem",
+    [
+        ("[1, 2]", "holds a JSON list"),
+        ('"text"', "holds a JSON str"),
+        ('{"patches": {"a": 1}}', "'patches' is a JSON dict"),
+        ('{"patches": [["x"]]}', "patches[0] is not an object"),
+        ('{"patches": [], "time": "noon"}', "'time' is not a number"),
+        ("\u00ff not json", "unreadable"),
+    ],
+)
+def test_doctor_reports_a_malformed_status_file_instead_of_crashing(tmp_path, content, problem):
+    status = tmp_path / "status"
+    status.mkdir()
+    (status / "status-host-1.json").write_text(content)
+    (status / "status-host-2.json").write_text(json.dumps({"pid": 2, "role": "vllm", "time": 1.0, "patches": [
+        {"id": "vllm.tensor_lora_requests", "status": "applied"}]}))
+    proc = _cli("doctor", "--status-dir", str(status))
+    assert proc.returncode == 0, proc.stderr
+    bad = next(ln for ln in proc.stdout.splitlines() if "status-host-1.json" in ln)
+    good = next(ln for ln in proc.stdout.splitlines() if "status-host-2.json" in ln)
+    assert problem in bad
+    assert "vllm.tensor_lora_requests" in good
+
+
 def test_checked_in_ledger_equals_the_generated_ledger():
     checked_in = (REPO / "docs" / "patch-ledger.md").read_text()
     assert checked_in == render_ledger(get_registry().specs), (
@@ -124,3 +216,22 @@ def test_the_installed_console_script_runs_doctor_json():
     assert [r["id"] for r in report["patches"]] == [s.id for s in get_registry().specs]
     assert all(r["versions"] and r["status"] for r in report["patches"])
     assert report["bootstrap_pth"], "pip install . must install moe_lora_plugins.pth"
+
+
+def test_the_source_tree_holds_no_wheels():
+    """Build tools come from the package index (the lint lane installs ruff from PyPI), never from the tree."""
+    wheels = sorted(str(p.relative_to(REPO)) for p in [*REPO.glob("*.whl"), *REPO.glob("src/**/*.whl")])
+    assert wheels == []
+
+
+def test_doctor_and_the_ledger_name_every_symbol_a_patch_relies_on(tmp_path):
+    specs = {s.id: s for s in get_registry().specs}
+    relying = [s for s in specs.values() if s.requires]
+    assert relying, "the patches that reach private upstream members must declare them"
+    proc = _cli("doctor", "--json", "--no-import")
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["id"]: r for r in json.loads(proc.stdout)["patches"]}
+    ledger = render_ledger(get_registry().specs)
+    for spec in relying:
+        assert list(rows[spec.id]["requires"]) == list(spec.requires)
+        assert all(f"`{symbol}`" in ledger for symbol in spec.requires)

@@ -59,3 +59,23 @@ def test_each_seam_activates_with_its_role_and_patches_apply(call, env, expected
         no_site=True,
     )
     assert result == [expected, 12 if expected else 2], proc.stderr
+
+
+def test_no_vllm_worker_method_shares_a_name_with_a_hook_spec():
+    """vLLM mixes the extension into its worker: a method named like a hook would read as that hook."""
+    import ast
+    import inspect
+    from pathlib import Path
+
+    import moe_lora_plugins.hooks.hookspec as hookspec
+    import moe_lora_plugins.integrations as integrations
+
+    hooks = {name for name, fn in vars(hookspec).items() if inspect.isfunction(fn) and hasattr(fn, "moelora_spec")}
+    assert "moelora_activate" in hooks and "on_build_model" in hooks, sorted(hooks)
+    # Read, not imported: importing the extension activates the suite in this process.
+    worker_source = (Path(integrations.__file__).parent / "vllm_worker.py").read_text()
+    extension = next(node for node in ast.walk(ast.parse(worker_source))
+                     if isinstance(node, ast.ClassDef) and node.name == "MoeLoraWorkerExtension")
+    methods = {node.name for node in extension.body if isinstance(node, ast.FunctionDef)}
+    assert "moelora_swap_adapter" in methods
+    assert methods & hooks == set()

@@ -84,3 +84,68 @@ def test_a_piece_listing_experts_needs_the_placeholder():
 
 def test_piece_bytes_are_its_tensor_bytes():
     assert AdapterPiece("w", torch.zeros(3, 5, dtype=torch.bfloat16)).nbytes == 30
+
+
+@pytest.mark.parametrize(
+    "index,value,field",
+    [
+        (2, -1, "version"),
+        (3, -3, "seq"),
+        (4, -1, "sender"),
+        (4, 1 << 20, "sender"),
+        (5, 2, "is_end"),
+        (6, -1, "manifest_nbytes"),
+        (6, 2**50, "manifest_nbytes"),
+        (7, -5, "payload_nbytes"),
+        (7, 2**50, "payload_nbytes"),
+    ],
+)
+def test_a_header_field_outside_the_protocols_limits_is_refused_by_name(index, value, field):
+    values = BucketHeader(1, 0, 0, False, 10, 10).to_list()
+    values[index] = value
+    with pytest.raises(AdapterSyncError, match=rf"{field}={value} is outside"):
+        BucketHeader.from_list(values)
+
+
+def test_the_protocol_limits_hold_a_real_bucket():
+    from moe_lora_plugins.sync.protocol import MAX_MANIFEST_BYTES, MAX_PAYLOAD_BYTES
+
+    header = BucketHeader(3, 2, 1, False, MAX_MANIFEST_BYTES, MAX_PAYLOAD_BYTES)
+    assert BucketHeader.from_list(header.to_list()) == header
+
+
+GOOD_ENTRY = {"name": "a.lora_A.weight", "dtype": "float32", "shape": [4, 8], "offset": 0, "nbytes": 128}
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"offset": -8}, "offset=-8 is outside"),
+        ({"nbytes": -128}, "nbytes=-128 is outside"),
+        ({"nbytes": 2**50}, "nbytes=1125899906842624 is outside"),
+        ({"shape": [4, -8]}, r"shape\[1\]=-8 is outside"),
+        ({"shape": "4x8"}, "shape='4x8' is not a list"),
+        ({"shape": [1] * 9}, "is not a list of at most 8 sizes"),
+        ({"shard": [0, 2, 2]}, "shard index=2 is outside 0..1"),
+        ({"shard": [0, 0, 0]}, "shard count=0 is outside"),
+        ({"shard": [2, 0, 2]}, "shard dim=2 is outside 0..1"),
+        ({"shard": [0, 1]}, "is not \\[dim, index, count\\]"),
+        ({"experts": [-1]}, r"experts\[0\]=-1 is outside"),
+        ({"name": 7}, "name=7 is not a tensor name"),
+        ({"dtype": None}, "dtype=None is not a dtype name"),
+        ({"aliases": [""]}, "aliases=\\[''\\] is not a list of tensor names"),
+        ({"offset": "0"}, "offset='0' is not an integer"),
+    ],
+)
+def test_a_manifest_entry_outside_the_protocols_limits_is_refused_by_field(change, message):
+    import json
+
+    raw = json.dumps({"entries": [{**GOOD_ENTRY, **change}], "summary": {}}).encode()
+    with pytest.raises(AdapterSyncError, match=message):
+        Manifest.decode(raw)
+
+
+@pytest.mark.parametrize("raw", [b"[]", b'{"entries": {}}', b'{"entries": [], "summary": []}', b'{"entries": [3]}'])
+def test_a_manifest_of_the_wrong_shape_is_a_sync_error_not_a_crash(raw):
+    with pytest.raises(AdapterSyncError):
+        Manifest.decode(raw)

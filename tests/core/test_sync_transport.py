@@ -111,3 +111,35 @@ def test_export_streams_of_two_and_three_tuples_give_peft_names():
         "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": b,
         "base_model.model.model.layers.0.mlp.experts.1.up_proj.lora_A.weight": c,
     }
+
+
+def _rogue_sender(port: int, values: list[int]) -> None:
+    """Sends one raw header (bypassing the sender's own limit checks), then waits to be torn down."""
+    group = new_sync_group("127.0.0.1", port, 1, 2, "gloo", timeout_s=20)
+    group.send([torch.tensor(values, dtype=torch.int64)], 0, 0).wait()
+    import time
+
+    time.sleep(5)
+    os._exit(0)
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("payload_nbytes", -1), ("manifest_nbytes", 2**50), ("manifest_nbytes", -7), ("payload_nbytes", 2**50)],
+)
+def test_a_header_announcing_an_impossible_size_is_refused_before_allocating_and_names_the_field(field, value):
+    from moe_lora_plugins.sync.errors import AdapterSyncError
+    from moe_lora_plugins.sync.protocol import HEADER_FIELDS, BucketHeader
+
+    values = BucketHeader(5, 0, 0, False, 10, 10).to_list()
+    values[HEADER_FIELDS.index(field)] = value
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    sender = ctx.Process(target=_rogue_sender, args=(port, values))
+    sender.start()
+    group = new_sync_group("127.0.0.1", port, 0, 2, "gloo", timeout_s=20)
+    with pytest.raises(AdapterSyncError, match=rf"{field}={value} is outside 0\.\.") as info:
+        receive_adapter(group, [1], version=5)
+    assert not isinstance(info.value, IncompleteSyncError), "a bad size is a protocol error, not a dead sender"
+    sender.kill()
+    sender.join(timeout=30)

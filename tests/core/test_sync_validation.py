@@ -67,3 +67,29 @@ def test_the_error_names_the_missing_expert_and_every_other_problem():
 def test_a_regex_target_modules_cannot_be_validated():
     with pytest.raises(AdapterValidationError, match="regex"):
         expected_adapter(DENSE, {**PEFT, "target_modules": ".*proj"}, torch.float32)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_value_is_refused_and_the_error_names_the_tensor(bad):
+    expected = expected_adapter(MOE, PEFT, torch.float32)
+    tensors = complete(expected)
+    name = "base_model.model.model.layers.0.self_attn.o_proj.lora_B.weight"
+    tensors[name] = tensors[name].clone()
+    tensors[name][5, 2] = bad
+    with pytest.raises(AdapterValidationError) as caught:
+        check_adapter(tensors, expected, "adapter 'policy'")
+    assert caught.value.problems == [
+        f"{name} has 1 non-finite value(s) (first: {bad} at [5, 2]); a NaN or inf adapter would poison the engine"
+    ]
+
+
+def test_a_shared_non_finite_tensor_is_named_under_every_name_it_serves():
+    expected = expected_adapter(MOE, PEFT, torch.bfloat16)
+    tensors = complete(expected)
+    shared = torch.zeros(4, 64, dtype=torch.bfloat16)
+    shared[0, 0] = float("nan")
+    names = [f"base_model.model.model.layers.1.mlp.experts.{e}.up_proj.lora_A.weight" for e in range(4)]
+    tensors.update(dict.fromkeys(names, shared))
+    with pytest.raises(AdapterValidationError) as caught:
+        check_adapter(tensors, expected)
+    assert [p.split(" ")[0] for p in caught.value.problems] == names

@@ -6,7 +6,11 @@ from __future__ import annotations
 import pytest
 
 from moe_lora_plugins.patches import all_specs
-from moe_lora_plugins.testing.contract import assert_real_lifecycle, assert_real_out_of_range_refused
+from moe_lora_plugins.testing.contract import (
+    assert_real_lifecycle,
+    assert_real_missing_required_refused,
+    assert_real_out_of_range_refused,
+)
 
 SPECS = [s for s in all_specs() if {"megatron-bridge", "megatron-core"} & set(s.distributions)]
 PRELUDE = "from moe_lora_plugins.testing.megatron_cpu import prepare_megatron_cpu; prepare_megatron_cpu()"
@@ -23,3 +27,8 @@ def test_real_target_lifecycle(spec):
 
 def test_an_out_of_range_installed_version_is_refused_on_the_real_package(tmp_path):
     assert_real_out_of_range_refused(SPECS[0], tmp_path, PRELUDE)
+
+
+@pytest.mark.parametrize("spec", [s for s in SPECS if s.requires], ids=lambda s: s.id)
+def test_a_required_upstream_symbol_missing_from_the_real_package_leaves_the_patch_unapplied(spec):
+    assert_real_missing_required_refused(spec, PRELUDE)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from merge_workers import actor_only_worker
 
 from moe_lora_plugins.testing.distributed import run_distributed
 from moe_lora_plugins.testing.tiny_models import tiny_qwen3_moe_config
+
+from .merge_workers import actor_only_worker
 
 pytestmark = pytest.mark.megatron
 

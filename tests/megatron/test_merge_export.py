@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from merge_workers import merge_on_export_worker
 
 from moe_lora_plugins.merge.stream import LORA_A_SUFFIX, module_key, plain_name
 from moe_lora_plugins.testing.distributed import DistributedRunError, run_distributed
@@ -16,6 +15,8 @@ from moe_lora_plugins.testing.tiny_models import (
     tiny_qwen3_config,
     tiny_qwen3_moe_config,
 )
+
+from .merge_workers import merge_on_export_worker
 
 pytestmark = pytest.mark.megatron
 

@@ -4,10 +4,11 @@ while slime's backup approach holds a full copy of the model."""
 from __future__ import annotations
 
 import pytest
-from merge_workers import export_memory_worker
 
 from moe_lora_plugins.testing.distributed import run_distributed
 from moe_lora_plugins.testing.tiny_models import LoraSettings, tiny_qwen3_moe_config
+
+from .merge_workers import export_memory_worker
 
 pytestmark = [pytest.mark.megatron, pytest.mark.slow]
 

@@ -26,7 +26,8 @@ from moe_lora_plugins.engines.payloads import (
 
 pytestmark = pytest.mark.sglang
 
-SRT = Path(importlib.util.find_spec("sglang").submodule_search_locations[0]) / "srt"
+_SGLANG = importlib.util.find_spec("sglang")  # None outside the sglang lane: tests/conftest.py skips these then
+SRT = Path(_SGLANG.submodule_search_locations[0]) / "srt" if _SGLANG else Path("sglang-not-installed")
 
 
 def _weights():

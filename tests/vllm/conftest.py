@@ -19,10 +19,9 @@ from typing import Any
 
 import pytest
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-sys.path.insert(0, os.path.dirname(__file__))
+from . import tiny_models
 
-import tiny_models  # noqa: E402
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 SRC = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "src"))
 SENDER = os.path.join(os.path.dirname(__file__), "sync_sender.py")

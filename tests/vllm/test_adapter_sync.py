@@ -8,9 +8,9 @@ through vLLM's own loader: the logprobs must be bitwise equal.
 from __future__ import annotations
 
 import pytest
-from tiny_models import adapter_config, make_adapter, peft_reference_logprobs, save_peft_dir
 
-from conftest import PROMPTS, greedy, max_abs_diff, sync_adapter
+from .conftest import PROMPTS, greedy, max_abs_diff, sync_adapter
+from .tiny_models import adapter_config, make_adapter, peft_reference_logprobs, save_peft_dir
 
 pytestmark = pytest.mark.vllm
 
@@ -129,10 +129,10 @@ def test_disk_fallback_loads_a_peft_dir_in_place(engine, served, tmp_path):
     from vllm.lora.request import LoRARequest
 
     from moe_lora_plugins.integrations.vllm_worker import lora_request
-    from moe_lora_plugins.sync.disk import write_peft_dir
+    from moe_lora_plugins.lora.formats import write_adapter_dir
 
     tensors, config = make_adapter(False, seed=31), adapter_config(False)
-    path = write_peft_dir(str(tmp_path / "fallback"), tensors, config)
+    path = str(write_adapter_dir(tmp_path / "fallback", tensors, config))
     report = engine.collective_rpc("moelora_load_adapter_dir", args=("fallback", 4, path, 5))[0]
     assert report["version"] == 5
     loaded = greedy(engine, lora_request("fallback", 4))
@@ -177,7 +177,7 @@ def test_base_requests_mixed_with_lora_requests_get_no_adapter_when_every_slot_i
 def test_plugins_hear_of_every_activated_adapter_and_never_of_a_refused_one(engine, served, tmp_path):
     from moe_lora_plugins.hooks import hookimpl
     from moe_lora_plugins.hooks.manager import get_plugin_manager
-    from moe_lora_plugins.sync.disk import write_peft_dir
+    from moe_lora_plugins.lora.formats import write_adapter_dir
 
     class Recorder:
         def __init__(self):
@@ -192,8 +192,8 @@ def test_plugins_hear_of_every_activated_adapter_and_never_of_a_refused_one(engi
     manager.register(recorder, name="test-recorder")
     try:
         tensors = make_adapter(False, seed=61)
-        good = write_peft_dir(str(tmp_path / "good"), tensors, adapter_config(False))
-        bad = write_peft_dir(str(tmp_path / "bad"), {k: v.half() for k, v in tensors.items()}, adapter_config(False))
+        good = str(write_adapter_dir(tmp_path / "good", tensors, adapter_config(False)))
+        bad = str(write_adapter_dir(tmp_path / "bad", {k: v.half() for k, v in tensors.items()}, adapter_config(False)))
         engine.collective_rpc("moelora_load_adapter_dir", args=("heard", 5, good, 8))
         with pytest.raises(Exception, match="has dtype torch.float16"):
             engine.collective_rpc("moelora_load_adapter_dir", args=("heard", 5, bad, 9))

@@ -9,7 +9,8 @@ import subprocess
 import sys
 
 import pytest
-from tiny_models import adapter_config, make_adapter, save_peft_dir
+
+from .tiny_models import adapter_config, make_adapter, save_peft_dir
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

@@ -19,13 +19,12 @@ PROMPT = [3, 17, 42, 5, 99, 64, 7, 12, 80, 1, 33, 21]
 
 
 def _tiny_qwen3(path: str) -> torch.nn.Module:
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3ForCausalLM
 
-    config = Qwen3Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=128,
-                         tie_word_embeddings=False, torch_dtype="float32", architectures=["Qwen3ForCausalLM"])
+    from moe_lora_plugins.testing.tiny_models import tiny_qwen3_config
+
     torch.manual_seed(0)
-    model = Qwen3ForCausalLM(config).eval()
+    model = Qwen3ForCausalLM(tiny_qwen3_config(num_hidden_layers=2)).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.05)
@@ -110,3 +109,30 @@ def test_a_failing_chunk_closes_the_reload_session_and_the_engine_keeps_serving(
     counts = sync_full_weights(llm, state, max_bytes=64 * 1024)
     assert counts["tensors"] == len(state)
     assert torch.allclose(_vllm_logprobs(llm), _hf_logprobs(model), atol=1e-4)
+
+
+def _merged_stream(model: torch.nn.Module):
+    return merge_weight_stream(model.state_dict().items(), AdapterTable.from_stream(_adapters(model)), ALPHA / RANK)
+
+
+def test_a_failed_export_audit_leaves_the_engine_serving_exactly_the_previous_weights(engine_and_model):
+    from moe_lora_plugins.audit.export_audit import ExportAudit, ExportAuditError, audited
+
+    llm, model = engine_and_model
+    before = _vllm_logprobs(llm)  # also fills the prefix cache with KV of the weights served now
+    without_layer_1 = (item for item in _merged_stream(model) if ".layers.1." not in item[0])
+    with pytest.raises(ExportAuditError, match=r"missing layers: \[1\]"):
+        sync_full_weights(llm, audited(without_layer_1, ExportAudit("merged", num_layers=2)), max_bytes=16 * 1024)
+    assert torch.equal(_vllm_logprobs(llm), before), "layer 0's merged weights must not be served"
+
+
+def test_a_chunk_refused_at_commit_leaves_the_engine_serving_exactly_the_previous_weights(engine_and_model):
+    llm, model = engine_and_model
+    before = _vllm_logprobs(llm)
+    stream = [*_merged_stream(model), ("model.layers.1.mlp.no_such_proj.weight", torch.zeros(4, 4))]
+    with pytest.raises(ValueError, match="no_such_proj"):
+        sync_full_weights(llm, stream, max_bytes=16 * 1024)
+    assert torch.equal(_vllm_logprobs(llm), before), "every layer loaded before the bad chunk must be rolled back"
+    counts = sync_full_weights(llm, _merged_stream(model), max_bytes=16 * 1024)
+    assert counts["tensors"] == len(model.state_dict())
+    assert torch.allclose(_vllm_logprobs(llm), _peft_merged_logprobs(model, _adapters(model)), atol=1e-4)

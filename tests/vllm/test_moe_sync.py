@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import LAYERS, NUM_EXPERTS, adapter_config, make_adapter, reference_logprobs, save_peft_dir
 
-from conftest import greedy, max_abs_diff, sync_adapter
+from .conftest import greedy, max_abs_diff, sync_adapter
+from .tiny_models import LAYERS, NUM_EXPERTS, adapter_config, make_adapter, reference_logprobs, save_peft_dir
 
 pytestmark = pytest.mark.vllm
 
@@ -116,11 +116,12 @@ def test_sync_missing_an_expert_is_refused_and_names_it(engine, moe_served, tmp_
 def test_a_megatron_adapter_converted_and_sent_by_two_trainer_stages_is_served_like_its_peft_dir(engine, tmp_path):
     """The trainer path end to end: Megatron LoRA (fused qkv, one grouped expert adapter shared by all
     experts) -> the export's converter -> ``send_lora_adapter`` per pipeline stage -> hot swap."""
-    from tiny_models import make_megatron_moe_adapter, megatron_to_lora_adapter
     from vllm.lora.request import LoRARequest
 
     from moe_lora_plugins.integrations.vllm_worker import lora_request
     from moe_lora_plugins.lora.formats import write_peft_dir
+
+    from .tiny_models import make_megatron_moe_adapter, megatron_to_lora_adapter
 
     megatron = make_megatron_moe_adapter()
     adapter = megatron_to_lora_adapter(megatron, alpha=16)
@@ -137,3 +138,42 @@ def test_a_megatron_adapter_converted_and_sent_by_two_trainer_stages_is_served_l
     engine.collective_rpc("moelora_remove_adapter", args=("from-megatron",))
     assert synced.logprobs == from_disk.logprobs
     assert synced.logprobs != greedy(engine).logprobs
+
+
+NAN_TENSOR = "base_model.model.model.layers.0.self_attn.o_proj.lora_B.weight"
+
+
+def _with_one_nan(seed: int) -> dict[str, torch.Tensor]:
+    tensors = make_adapter(True, seed=seed)
+    tensors[NAN_TENSOR] = tensors[NAN_TENSOR].clone()
+    tensors[NAN_TENSOR][3, 1] = float("nan")
+    return tensors
+
+
+def test_a_synced_adapter_holding_one_nan_is_refused_by_name_and_the_previous_one_keeps_serving(
+    engine, moe_served, tmp_path
+):
+    from moe_lora_plugins.integrations.vllm_worker import lora_request
+
+    before, base_before = greedy(engine, lora_request("moe-policy", 1)), greedy(engine)
+    outcome = sync_adapter(engine, tmp_path, "moe-policy", 1, _with_one_nan(12), adapter_config(True), version=3,
+                           bucket_bytes=4096)
+    assert outcome.error is not None
+    assert f"{NAN_TENSOR} has 1 non-finite value(s) (first: nan at [3, 1])" in str(outcome.error), str(outcome.error)
+    after, base_after = greedy(engine, lora_request("moe-policy", 1)), greedy(engine)
+    assert after.logprobs == before.logprobs and base_after.logprobs == base_before.logprobs
+    assert all(torch.isfinite(torch.tensor(row)).all() for row in after.logprobs + base_after.logprobs)
+    assert engine.collective_rpc("moelora_adapter_status")[0]["moe-policy"]["version"] == 1
+
+
+def test_a_peft_dir_holding_one_nan_is_refused_by_the_disk_fallback_and_the_previous_one_keeps_serving(
+    engine, moe_served, tmp_path
+):
+    from moe_lora_plugins.integrations.vllm_worker import lora_request
+
+    before = greedy(engine, lora_request("moe-policy", 1))
+    path = save_peft_dir(str(tmp_path / "nan-adapter"), _with_one_nan(13), adapter_config(True))
+    with pytest.raises(Exception, match=rf"{NAN_TENSOR.replace('.', '[.]')} has 1 non-finite value"):
+        engine.collective_rpc("moelora_load_adapter_dir", args=("moe-policy", 1, path, 4))
+    assert greedy(engine, lora_request("moe-policy", 1)).logprobs == before.logprobs
+    assert engine.collective_rpc("moelora_adapter_status")[0]["moe-policy"]["version"] == 1

@@ -12,9 +12,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from tiny_models import adapter_config, make_adapter, save_peft_dir
 
-from conftest import greedy, start_engine, stop_engine, sync_adapter
+from .conftest import greedy, start_engine, stop_engine, sync_adapter
+from .tiny_models import adapter_config, make_adapter, save_peft_dir
 
 pytestmark = pytest.mark.vllm
 

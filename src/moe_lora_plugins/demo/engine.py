@@ -143,10 +143,10 @@ class RolloutEngine:
         also the modules that loader gave LoRA weights."""
         from vllm.lora.request import LoRARequest
 
-        from moe_lora_plugins.sync.disk import write_peft_dir
+        from moe_lora_plugins.lora.formats import write_adapter_dir
 
         shutil.rmtree(path, ignore_errors=True)
-        write_peft_dir(path, tensors, config)
+        write_adapter_dir(path, tensors, config)
         try:
             probe = self.probe(prompts, max_tokens, LoRARequest("disk-check", DISK_CHECK_ID, path))
             return probe, self.served_lora_modules(DISK_CHECK_ID)

@@ -108,16 +108,16 @@ class MoeLoraWorkerExtension:
                 f"sync {received.version} carried no adapter config: the trainer must pass config= (r, lora_alpha, "
                 "target_modules) to send_adapter on at least one sender"
             )
-        return self.moelora_activate(name, lora_int_id, received.tensors, received.config,
-                                     received.version, received.wire_bytes, received.buckets)
+        return self.moelora_swap_adapter(name, lora_int_id, received.tensors, received.config,
+                                         received.version, received.wire_bytes, received.buckets)
 
     def moelora_load_adapter_dir(self, name: str, lora_int_id: int, path: str, version: int = 0) -> dict[str, Any]:
         """Disk fallback: read a PEFT directory, validate it and swap it in place like a synced adapter."""
-        from moe_lora_plugins.sync.disk import read_peft_dir
+        from moe_lora_plugins.lora.formats import read_peft_dir
 
         tensors, config = read_peft_dir(path)
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-        return self.moelora_activate(name, lora_int_id, tensors, config, version, nbytes, 0)
+        return self.moelora_swap_adapter(name, lora_int_id, tensors, config, version, nbytes, 0)
 
     # -- validation and activation -------------------------------------------------------------
 
@@ -140,8 +140,8 @@ class MoeLoraWorkerExtension:
         expected = expected_adapter(hf_config, config, _engine_lora_dtype(self))
         check_adapter(tensors, expected, f"adapter {name!r}")
 
-    def moelora_activate(self, name: str, lora_int_id: int, tensors: dict[str, Any], config: dict[str, Any],
-                         version: int, wire_bytes: int, buckets: int) -> dict[str, Any]:
+    def moelora_swap_adapter(self, name: str, lora_int_id: int, tensors: dict[str, Any], config: dict[str, Any],
+                             version: int, wire_bytes: int, buckets: int) -> dict[str, Any]:
         """Validate, then replace the adapter served as ``name`` / ``lora_int_id`` in place, pinned."""
         from vllm.lora.request import LoRARequest
 

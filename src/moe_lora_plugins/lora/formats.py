@@ -89,48 +89,178 @@ def render(adapter: LoraAdapter, fmt: str) -> tuple[dict[str, torch.Tensor], dic
 # -------------------------------------------------------------------------------------------------
 
 
-def write_peft_dir(adapter: LoraAdapter, out_dir: str | os.PathLike) -> Path:
-    """Write ``adapter_model.safetensors`` + ``adapter_config.json`` to ``out_dir`` (created if needed).
+def write_adapter_dir(
+    out_dir: str | os.PathLike, tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]
+) -> Path:
+    """Write ``adapter_model.safetensors`` + ``adapter_config.json`` into ``out_dir`` (created if needed).
 
-    Tensors shared under several names are written once per name (safetensors stores no aliases).
+    Each file is written under a temporary name in ``out_dir`` and renamed into place, weights first,
+    so a reader never sees a half-written file. Tensors shared under several names are written once
+    per name (safetensors stores no aliases). This is the one writer of adapter directories.
     """
+    import tempfile
+
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {name: t.detach().to("cpu").clone().contiguous() for name, t in adapter.tensors.items()}
-    save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    (out / ADAPTER_CONFIG).write_text(json.dumps(adapter.peft_config(), indent=2, sort_keys=True) + "\n")
+    with tempfile.NamedTemporaryFile(dir=out, prefix=".adapter-", suffix=".tmp", delete=False) as tmp:
+        tmp_weights = Path(tmp.name)
+    tmp_config = tmp_weights.with_suffix(".json.tmp")
+    try:
+        save_file({name: t.detach().to("cpu").clone().contiguous() for name, t in tensors.items()}, str(tmp_weights),
+                  metadata={"format": "pt"})
+        tmp_config.write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
+        os.replace(tmp_weights, out / ADAPTER_WEIGHTS)
+        os.replace(tmp_config, out / ADAPTER_CONFIG)
+    finally:
+        for leftover in (tmp_weights, tmp_config):
+            leftover.unlink(missing_ok=True)
     return out
 
 
+def write_peft_dir(adapter: LoraAdapter, out_dir: str | os.PathLike) -> Path:
+    """Write ``adapter`` as a PEFT directory (its tensors and :meth:`LoraAdapter.peft_config`), atomically."""
+    return write_adapter_dir(out_dir, adapter.tensors, adapter.peft_config())
+
+
 def read_peft_dir(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read a PEFT directory: (PEFT-name -> tensor, adapter config dict)."""
+    """Read a PEFT directory: (PEFT-name -> tensor, adapter config dict); errors name the missing file."""
     from safetensors.torch import load_file
 
     root = Path(path)
+    for needed in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
+        if not (root / needed).is_file():
+            raise FileNotFoundError(f"{root / needed} does not exist: {str(path)!r} is not a PEFT adapter directory")
     config = json.loads((root / ADAPTER_CONFIG).read_text())
+    if not isinstance(config, dict):
+        raise FormatError(f"{root / ADAPTER_CONFIG} holds a JSON {type(config).__name__}, not an object")
     return load_file(str(root / ADAPTER_WEIGHTS)), config
 
 
-def adapter_from_peft(
-    tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any], family: str, num_experts: int = 0
-) -> LoraAdapter:
-    """Wrap PEFT tensors + config as a :class:`LoraAdapter` (keeps ``rank_pattern``; no ``alpha_pattern``)."""
-    if config.get("alpha_pattern"):
+def _refuse_unsupported_variants(config: Mapping[str, Any]) -> None:
+    """LoRA variants whose tensors mean something else than ``W + (alpha/r) B A``: refuse, never drop."""
+    if config.get("use_dora"):
         raise FormatError(
-            f"adapter has alpha_pattern {config['alpha_pattern']}: per-module alpha has no Megatron equivalent"
+            "the adapter uses DoRA (use_dora=true: a learned magnitude vector besides A and B); only plain LoRA "
+            "converts: retrain with use_dora=false or merge the DoRA adapter into the base weights"
+        )
+    if config.get("fan_in_fan_out"):
+        raise FormatError(
+            "the adapter has fan_in_fan_out=true (GPT-2 style Conv1D weights, A and B stored transposed); convert "
+            "only adapters of nn.Linear models (fan_in_fan_out=false)"
         )
     if config.get("use_rslora"):
-        raise FormatError("adapter uses rsLoRA (scaling alpha/sqrt(r)); Megatron LoRA scales by alpha/r")
+        raise FormatError(
+            "the adapter uses rsLoRA (scaling alpha/sqrt(r)); the target formats scale by alpha/r: retrain with "
+            "use_rslora=false"
+        )
+
+
+def _pattern_value(patterns: Mapping[str, Any], module: str) -> Any | None:
+    """The value of the first ``rank_pattern`` / ``alpha_pattern`` key that matches ``module`` (PEFT's rule:
+    the key is a regex that must match a whole dotted suffix of the module path)."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return None
+
+
+def _unfuse_target_parameters(
+    tensors: dict[str, torch.Tensor], family: Any, hf_config: Mapping[str, Any] | None, num_experts: int
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """PEFT's ``target_parameters`` experts (transformers v5 saves ``mlp.experts[.base_layer].lora_{A,B}``, one
+    fused module for gate_up and one for down) as per-expert 2-D tensors; also which fused parameter
+    (``<prefix>.gate_up_proj`` / ``<prefix>.down_proj``) each per-expert module came from, for its alpha.
+
+    Which fused module is gate_up and which is down is read from the shapes and the model config (gate_up:
+    A takes ``hidden_size``, B gives ``2 * moe_intermediate_size``), not from PEFT's nesting order.
+    """
+    rules = family.experts
+    fused: dict[str, dict[str, torch.Tensor]] = {}
+    rest: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        module, side = split_peft_name(name)
+        if rules is not None and module.endswith((f".{rules.hf}", f".{rules.hf}.base_layer")):
+            fused.setdefault(module, {})[side] = tensor
+        else:
+            rest[name] = tensor
+    if not fused:
+        return dict(tensors), {}
+    if hf_config is None or not num_experts:
+        raise FormatError(
+            f"the adapter stores experts fused ({sorted(fused)[0]}); pass the base model's config.json "
+            "(--hf-config) with its expert count to convert it"
+        )
+    from moe_lora_plugins.lora.hf_shapes import HfConfigError
+
+    try:
+        hidden, inter = int(hf_config["hidden_size"]), int(hf_config["moe_intermediate_size"])
+    except (KeyError, TypeError, ValueError):
+        raise HfConfigError("the model config needs hidden_size and moe_intermediate_size for fused experts") from None
+    canonical: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}
+    for module, pair in sorted(fused.items()):
+        if set(pair) != {"lora_A", "lora_B"}:
+            raise AdapterShapeError(f"{module}: has {sorted(pair)}, needs both lora_A and lora_B")
+        a, b = pair["lora_A"], pair["lora_B"]
+        prefix = module.removesuffix(".base_layer")
+        if (a.shape[1], b.shape[0]) == (hidden, 2 * inter):
+            kind, target = "gate_up", f"{prefix}.base_layer"
+        elif (a.shape[1], b.shape[0]) == (inter, hidden):
+            kind, target = "down", prefix
+        else:
+            raise AdapterShapeError(
+                f"{module}: LoRA A {list(a.shape)} / B {list(b.shape)} fit neither the fused gate_up (in {hidden}, out "
+                f"{2 * inter}) nor the down projection (in {inter}, out {hidden}) of this config: is --hf-config the "
+                "adapter's base model?"
+            )
+        if a.shape[0] % num_experts or b.shape[1] != a.shape[0]:
+            raise AdapterShapeError(
+                f"{module}: LoRA A has {a.shape[0]} rows and B {b.shape[1]} columns; both must be rank x "
+                f"{num_experts} experts"
+            )
+        canonical[_name(target, "lora_A")], canonical[_name(target, "lora_B")] = a, b
+        param = f"{prefix}.{'gate_up_proj' if kind == 'gate_up' else 'down_proj'}"
+        projections = (rules.gate, rules.up) if kind == "gate_up" else (rules.down,)
+        for expert in range(num_experts):
+            for proj in projections:
+                origin[f"{prefix}.{expert}.{proj}"] = param
+    rest.update(from_vllm_3d(canonical, num_experts, family.name))
+    return rest, origin
+
+
+def adapter_from_peft(
+    tensors: Mapping[str, torch.Tensor],
+    config: Mapping[str, Any],
+    family: str,
+    num_experts: int = 0,
+    hf_config: Mapping[str, Any] | None = None,
+) -> LoraAdapter:
+    """Read what PEFT saves as a :class:`LoraAdapter` in per-module form with one alpha.
+
+    Experts saved fused through ``target_parameters`` (transformers v5) are split per expert (needs
+    ``hf_config``). A module's own alpha from ``alpha_pattern`` is folded into its LoRA B
+    (``B * alpha_module / lora_alpha``), so ``lora_alpha / r_module`` gives the same delta in every target
+    format; ranks come from the tensors. DoRA, rsLoRA and ``fan_in_fan_out`` adapters are refused.
+    """
+    _refuse_unsupported_variants(config)
+    table = get_family(family)
     names = {name if name.startswith(PEFT_PREFIX) else PEFT_PREFIX + name: t for name, t in tensors.items()}
-    return LoraAdapter(
-        names,
-        float(config["lora_alpha"]),
-        get_family(family),
-        num_experts,
-        config.get("base_model_name_or_path"),
-    )
+    per_module, origin = _unfuse_target_parameters(names, table, hf_config, num_experts)
+    try:
+        alpha = float(config["lora_alpha"])
+    except (KeyError, TypeError, ValueError):
+        raise FormatError(f"adapter_config.json has lora_alpha={config.get('lora_alpha')!r}; it needs a number") from None
+    alpha_pattern = config.get("alpha_pattern") or {}
+    if alpha_pattern:
+        scaled = {}
+        for name, tensor in per_module.items():
+            module, side = split_peft_name(name)
+            own = _pattern_value(alpha_pattern, origin.get(module, module))
+            scaled[name] = tensor * (float(own) / alpha) if side == "lora_B" and own is not None else tensor
+        per_module = scaled
+    return LoraAdapter(per_module, alpha, table, num_experts, config.get("base_model_name_or_path"))
 
 
 # -------------------------------------------------------------------------------------------------

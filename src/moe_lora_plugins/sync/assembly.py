@@ -64,8 +64,14 @@ class AdapterAssembler:
         The assembler owns ``payload`` from here on: a CPU payload is kept and its tensors are views of it
         (a GPU payload is copied to the CPU once), so the caller must not reuse or change it.
         """
+        header.check_limits(f"sender {header.sender} bucket {header.seq}")
         state = self._check_header(header)
         if header.is_end:
+            if header.payload_nbytes or manifest.entries:
+                raise AdapterSyncError(
+                    f"sender {header.sender}'s end marker carries payload_nbytes={header.payload_nbytes} and "
+                    f"{len(manifest.entries)} manifest entries; an end marker carries neither"
+                )
             self._end(header, manifest, state)
             return
         if int(payload.numel()) != header.payload_nbytes:
@@ -115,6 +121,10 @@ class AdapterAssembler:
                 f"{summary.get('payload_bytes')} bytes, but {state.buckets} / {state.payload_bytes} arrived"
             )
         config = summary.get("config")
+        if config is not None and not isinstance(config, dict):
+            raise AdapterSyncError(
+                f"sender {header.sender}'s end marker carries config={config!r}, which is not a JSON object"
+            )
         if config is not None:
             if self._config is not None and config != self._config:
                 raise AdapterSyncError(

@@ -23,6 +23,28 @@ HEADER_FIELDS = ("magic", "protocol", "version", "seq", "sender", "is_end", "man
 HEADER_LEN = len(HEADER_FIELDS)
 EXPERT_PLACEHOLDER = "{expert}"
 
+# The protocol's limits. A receiver allocates what a header announces, so every size and count it reads
+# is bounded here before anything is allocated, and the sender refuses to send beyond them.
+MAX_MANIFEST_BYTES = 64 << 20  # one bucket's JSON manifest (~200 bytes per piece: ~300k pieces)
+MAX_PAYLOAD_BYTES = 8 << 30  # one bucket's payload: a bucket is bucket_bytes, or one piece larger than that
+MAX_SEQUENCE = (1 << 31) - 1  # bucket sequence numbers and sync versions
+MAX_SENDERS = 1 << 16
+MAX_TENSOR_DIMS = 8
+MAX_EXPERTS = 1 << 16
+
+
+def check_bound(where: str, field_name: str, value: Any, low: int, high: int, limit_name: str = "") -> int:
+    """``value`` as an int in ``low..high``, or an :class:`AdapterSyncError` naming the field and the bound."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise AdapterSyncError(f"{where}: {field_name}={value!r} is not an integer; the sync is corrupt")
+    if not low <= value <= high:
+        bound = f" ({limit_name})" if limit_name else ""
+        raise AdapterSyncError(
+            f"{where}: {field_name}={value} is outside {low}..{high}{bound}; the sender is not speaking this "
+            "protocol or the sync is corrupt (send buckets of at most the limit: a smaller bucket_bytes)"
+        )
+    return value
+
 
 @dataclass(frozen=True)
 class ShardSpec:
@@ -36,9 +58,13 @@ class ShardSpec:
         return [self.dim, self.index, self.count]
 
     @classmethod
-    def from_json(cls, value: Sequence[int]) -> ShardSpec:
+    def from_json(cls, value: Sequence[int], where: str = "manifest", ndim: int = MAX_TENSOR_DIMS) -> ShardSpec:
+        if not isinstance(value, list) or len(value) != 3:
+            raise AdapterSyncError(f"{where}: shard={value!r} is not [dim, index, count]; the sync is corrupt")
         dim, index, count = value
-        return cls(int(dim), int(index), int(count))
+        count = check_bound(where, "shard count", count, 1, MAX_EXPERTS)
+        return cls(check_bound(where, "shard dim", dim, 0, max(ndim - 1, 0)),
+                   check_bound(where, "shard index", index, 0, count - 1), count)
 
 
 @dataclass
@@ -102,8 +128,18 @@ class BucketHeader:
         return [MAGIC, PROTOCOL_VERSION, self.version, self.seq, self.sender, int(self.is_end),
                 self.manifest_nbytes, self.payload_nbytes]
 
+    def check_limits(self, where: str = "bucket header") -> BucketHeader:
+        """Itself, once every field is inside the protocol's limits (else an error naming the field)."""
+        check_bound(where, "version", self.version, 0, MAX_SEQUENCE)
+        check_bound(where, "seq", self.seq, 0, MAX_SEQUENCE)
+        check_bound(where, "sender", self.sender, 0, MAX_SENDERS - 1, "MAX_SENDERS - 1")
+        check_bound(where, "manifest_nbytes", self.manifest_nbytes, 0, MAX_MANIFEST_BYTES, "MAX_MANIFEST_BYTES")
+        check_bound(where, "payload_nbytes", self.payload_nbytes, 0, MAX_PAYLOAD_BYTES, "MAX_PAYLOAD_BYTES")
+        return self
+
     @classmethod
     def from_list(cls, values: Sequence[int]) -> BucketHeader:
+        """Parse a received header; every size is bounded by the protocol's limits before anything is allocated."""
         values = [int(v) for v in values]
         if len(values) != HEADER_LEN or values[0] != MAGIC:
             raise AdapterSyncError(
@@ -115,7 +151,9 @@ class BucketHeader:
                 f"sender speaks sync protocol {values[1]}, this receiver {PROTOCOL_VERSION}: install the same "
                 "moe-lora-plugins version on trainer and engine."
             )
-        return cls(values[2], values[3], values[4], bool(values[5]), values[6], values[7])
+        where = "received bucket header"
+        check_bound(where, "is_end", values[5], 0, 1)
+        return cls(values[2], values[3], values[4], bool(values[5]), values[6], values[7]).check_limits(where)
 
 
 @dataclass
@@ -145,13 +183,36 @@ class ManifestEntry:
         return out
 
     @classmethod
-    def from_json(cls, value: dict[str, Any]) -> ManifestEntry:
+    def from_json(cls, value: dict[str, Any], where: str = "manifest entry") -> ManifestEntry:
+        """Parse one received entry; names are strings, sizes and indices inside the protocol's limits."""
+        if not isinstance(value, dict):
+            raise AdapterSyncError(f"{where}: an entry is a JSON {type(value).__name__}, not an object")
+        name = value.get("name")
+        if not isinstance(name, str) or not name:
+            raise AdapterSyncError(f"{where}: name={name!r} is not a tensor name; the sync is corrupt")
+        where = f"{where} {name!r}"
+        dtype = value.get("dtype")
+        if not isinstance(dtype, str):
+            raise AdapterSyncError(f"{where}: dtype={dtype!r} is not a dtype name; the sync is corrupt")
+        shape = value.get("shape")
+        if not isinstance(shape, list) or len(shape) > MAX_TENSOR_DIMS:
+            raise AdapterSyncError(
+                f"{where}: shape={shape!r} is not a list of at most {MAX_TENSOR_DIMS} sizes; the sync is corrupt"
+            )
+        dims = tuple(check_bound(where, f"shape[{i}]", d, 0, MAX_PAYLOAD_BYTES) for i, d in enumerate(shape))
+        experts = value.get("experts", [])
+        aliases = value.get("aliases", [])
+        if not isinstance(experts, list) or len(experts) > MAX_EXPERTS:
+            raise AdapterSyncError(f"{where}: experts is not a list of at most {MAX_EXPERTS} indices")
+        if not isinstance(aliases, list) or not all(isinstance(a, str) and a for a in aliases):
+            raise AdapterSyncError(f"{where}: aliases={aliases!r} is not a list of tensor names")
         return cls(
-            name=value["name"], dtype=value["dtype"], shape=tuple(int(s) for s in value["shape"]),
-            offset=int(value["offset"]), nbytes=int(value["nbytes"]),
-            shard=ShardSpec.from_json(value["shard"]) if "shard" in value else None,
-            experts=tuple(int(e) for e in value.get("experts", ())),
-            aliases=tuple(value.get("aliases", ())),
+            name=name, dtype=dtype, shape=dims,
+            offset=check_bound(where, "offset", value.get("offset"), 0, MAX_PAYLOAD_BYTES, "MAX_PAYLOAD_BYTES"),
+            nbytes=check_bound(where, "nbytes", value.get("nbytes"), 0, MAX_PAYLOAD_BYTES, "MAX_PAYLOAD_BYTES"),
+            shard=ShardSpec.from_json(value["shard"], where, len(dims)) if "shard" in value else None,
+            experts=tuple(check_bound(where, f"experts[{i}]", e, 0, MAX_EXPERTS - 1) for i, e in enumerate(experts)),
+            aliases=tuple(aliases),
         )
 
 
@@ -168,11 +229,22 @@ class Manifest:
 
     @classmethod
     def decode(cls, raw: bytes) -> Manifest:
+        if len(raw) > MAX_MANIFEST_BYTES:
+            raise AdapterSyncError(
+                f"a bucket manifest of {len(raw)} bytes exceeds MAX_MANIFEST_BYTES={MAX_MANIFEST_BYTES}; send "
+                "smaller buckets (bucket_bytes)"
+            )
         try:
             value = json.loads(raw.decode())
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise AdapterSyncError(f"a bucket manifest could not be decoded ({exc}); the sync is corrupt") from None
-        return cls([ManifestEntry.from_json(e) for e in value["entries"]], dict(value.get("summary", {})))
+        if not isinstance(value, dict) or not isinstance(value.get("entries"), list):
+            raise AdapterSyncError("a bucket manifest is not an object with an 'entries' list; the sync is corrupt")
+        summary = value.get("summary", {})
+        if not isinstance(summary, dict):
+            raise AdapterSyncError(f"a bucket manifest's summary is a JSON {type(summary).__name__}, not an object")
+        return cls([ManifestEntry.from_json(e, f"manifest entry {i}") for i, e in enumerate(value["entries"])],
+                   dict(summary))
 
 
 def plan_buckets(sizes: Iterable[int], bucket_bytes: int) -> list[list[int]]:

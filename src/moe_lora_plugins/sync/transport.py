@@ -19,6 +19,7 @@ from moe_lora_plugins.sync.assembly import AdapterAssembler, ReceivedAdapter
 from moe_lora_plugins.sync.errors import AdapterSyncError, IncompleteSyncError
 from moe_lora_plugins.sync.protocol import (
     HEADER_LEN,
+    MAX_PAYLOAD_BYTES,
     AdapterPiece,
     BucketHeader,
     Manifest,
@@ -95,6 +96,14 @@ def send_adapter(
     import torch
 
     pieces = list(pieces)
+    if bucket_bytes > MAX_PAYLOAD_BYTES:
+        raise ValueError(f"bucket_bytes={bucket_bytes} exceeds the protocol's MAX_PAYLOAD_BYTES={MAX_PAYLOAD_BYTES}")
+    oversized = [(p.name, p.nbytes) for p in pieces if p.nbytes > MAX_PAYLOAD_BYTES]
+    if oversized:
+        raise ValueError(
+            f"piece {oversized[0][0]!r} has {oversized[0][1]} bytes, more than the protocol's MAX_PAYLOAD_BYTES="
+            f"{MAX_PAYLOAD_BYTES}; send it in shards (AdapterPiece(shard=ShardSpec(...)))"
+        )
     buckets = plan_buckets((p.nbytes for p in pieces), bucket_bytes)
     total = 0
     for seq, indices in enumerate(buckets):
@@ -127,7 +136,8 @@ def send_bucket(group: Any, receivers: Sequence[int], header: BucketHeader, mani
     import torch
 
     raw = manifest.encode()
-    header = BucketHeader(header.version, header.seq, header.sender, header.is_end, len(raw), header.payload_nbytes)
+    header = BucketHeader(header.version, header.seq, header.sender, header.is_end, len(raw),
+                          header.payload_nbytes).check_limits("bucket to send")
     header_tensor = torch.tensor(header.to_list(), dtype=torch.int64, device=device)
     manifest_tensor = torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(device)
     for dst in receivers:

@@ -16,8 +16,6 @@ from typing import Any
 from moe_lora_plugins.sync.errors import AdapterValidationError
 
 PEFT_LAYER_PREFIX = "base_model.model.model.layers"
-_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-_MLP = ("gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -33,49 +31,15 @@ def _rank_of(peft_config: Mapping[str, Any], module: str) -> int:
     return int(peft_config["r"])
 
 
-def routed_experts(hf_config: Mapping[str, Any]) -> int:
-    """Routed experts per MoE layer (0 for a dense model), whatever the config family calls them."""
-    for key in ("num_experts", "num_local_experts", "n_routed_experts"):
-        if hf_config.get(key):
-            return int(hf_config[key])
-    return 0
-
-
-def _moe_layers(hf_config: Mapping[str, Any]) -> set[int]:
-    """MoE layers: the HF Qwen-MoE rule (``decoder_sparse_step``, ``mlp_only_layers``), then DeepSeek /
-    GLM-4.5's ``first_k_dense_replace`` (the first k layers dense)."""
-    from moe_lora_plugins.topology.moe_layers import hf_moe_layer_pattern
-
-    pattern = hf_moe_layer_pattern(int(hf_config["num_hidden_layers"]), routed_experts(hf_config),
-                                   hf_config.get("decoder_sparse_step") or 1, hf_config.get("mlp_only_layers"))
-    first_dense = int(hf_config.get("first_k_dense_replace") or 0)
-    return {layer for layer, moe in enumerate(pattern) if moe and layer >= first_dense}
-
-
 def projection_shapes(hf_config: Mapping[str, Any], layer: int) -> dict[str, tuple[int, int]]:
-    """(out, in) of every LoRA-able projection of one decoder layer of a Qwen3 / Llama-style model."""
-    hidden = int(hf_config["hidden_size"])
-    heads = int(hf_config["num_attention_heads"])
-    kv_heads = int(hf_config.get("num_key_value_heads") or heads)
-    head_dim = int(hf_config.get("head_dim") or hidden // heads)
-    shapes = {
-        "self_attn.q_proj": (heads * head_dim, hidden),
-        "self_attn.k_proj": (kv_heads * head_dim, hidden),
-        "self_attn.v_proj": (kv_heads * head_dim, hidden),
-        "self_attn.o_proj": (hidden, heads * head_dim),
-    }
-    if layer in _moe_layers(hf_config):
-        inter = int(hf_config["moe_intermediate_size"])
-        for e in range(routed_experts(hf_config)):
-            shapes[f"mlp.experts.{e}.gate_proj"] = (inter, hidden)
-            shapes[f"mlp.experts.{e}.up_proj"] = (inter, hidden)
-            shapes[f"mlp.experts.{e}.down_proj"] = (hidden, inter)
-    else:
-        inter = int(hf_config["intermediate_size"])
-        shapes["mlp.gate_proj"] = (inter, hidden)
-        shapes["mlp.up_proj"] = (inter, hidden)
-        shapes["mlp.down_proj"] = (hidden, inter)
-    return shapes
+    """(out, in) of every LoRA-able projection of one decoder layer, for every family the converter supports
+    (see :mod:`moe_lora_plugins.lora.hf_shapes`); a config that lacks a needed field is a validation error."""
+    from moe_lora_plugins.lora.hf_shapes import HfConfigError, layer_module_shapes
+
+    try:
+        return layer_module_shapes(hf_config, layer)
+    except HfConfigError as exc:
+        raise AdapterValidationError([f"{exc} (the served model's config cannot describe layer {layer})"]) from None
 
 
 def expected_adapter(hf_config: Mapping[str, Any], peft_config: Mapping[str, Any], dtype: Any) -> dict[str, ExpectedTensor]:
@@ -86,11 +50,13 @@ def expected_adapter(hf_config: Mapping[str, Any], peft_config: Mapping[str, Any
             [f"target_modules is the regex {targets!r}; sync validation needs an explicit list of module names"]
         )
     targets = set(targets)
+    if "num_hidden_layers" not in hf_config:
+        raise AdapterValidationError(["the served model's config has no 'num_hidden_layers'"])
     expected: dict[str, ExpectedTensor] = {}
     for layer in range(int(hf_config["num_hidden_layers"])):
         for module, (out_dim, in_dim) in projection_shapes(hf_config, layer).items():
             leaf = module.rsplit(".", 1)[-1]
-            if leaf not in targets and not (".experts." in module and "experts" in targets):
+            if leaf not in targets and not (".experts." in module and "experts" in targets) and module not in targets:
                 continue
             name = f"{PEFT_LAYER_PREFIX}.{layer}.{module}"
             rank = _rank_of(peft_config, name)
@@ -99,8 +65,36 @@ def expected_adapter(hf_config: Mapping[str, Any], peft_config: Mapping[str, Any
     return expected
 
 
+def non_finite_problems(tensors: Mapping[str, Any]) -> list[str]:
+    """One line per tensor holding NaN or +-inf: its name, how many such values, and the first one's index.
+
+    A tensor filed under several names (a shared expert adapter) is scanned once. Integer tensors
+    are finite by construction.
+    """
+    import torch
+
+    problems: list[str] = []
+    verdicts: dict[int, str | None] = {}
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        if id(tensor) not in verdicts:
+            verdict = None
+            if tensor.is_floating_point() or tensor.is_complex():
+                bad = ~torch.isfinite(tensor)
+                count = int(bad.sum())
+                if count:
+                    first = [int(i) for i in bad.nonzero()[0]]
+                    value = tensor[tuple(first)].item()
+                    verdict = f"{count} non-finite value(s) (first: {value} at {first})"
+            verdicts[id(tensor)] = verdict
+        if verdicts[id(tensor)] is not None:
+            problems.append(f"{name} has {verdicts[id(tensor)]}; a NaN or inf adapter would poison the engine")
+    return problems
+
+
 def check_adapter(tensors: Mapping[str, Any], expected: Mapping[str, ExpectedTensor], context: str = "") -> None:
-    """Raise :class:`AdapterValidationError` naming every missing, unexpected or ill-shaped / -typed tensor."""
+    """Raise :class:`AdapterValidationError` naming every missing, unexpected, ill-shaped / -typed tensor and
+    every tensor holding NaN or inf (checked before anything is swapped in)."""
     problems: list[str] = []
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -112,5 +106,6 @@ def check_adapter(tensors: Mapping[str, Any], expected: Mapping[str, ExpectedTen
             problems.append(f"{name} has shape {list(got.shape)}, expected {list(want.shape)}")
         if want.dtype is not None and got.dtype != want.dtype:
             problems.append(f"{name} has dtype {got.dtype}, expected {want.dtype} (the engine's LoRA dtype)")
+    problems += non_finite_problems(tensors)
     if problems:
         raise AdapterValidationError(problems, context)

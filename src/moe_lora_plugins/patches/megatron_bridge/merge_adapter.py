@@ -34,6 +34,11 @@ SPECS = (
         "2.69 B anchor model). "
         "0.4.0 (read, not run): same signature and the same per-rank merge; left out of the range until "
         "run there.",
+        requires=tuple(
+            f"megatron.bridge.models.conversion.peft_bridge:MegatronPeftBridge.{name}"
+            for name in ("_is_fused_fc1_gate_up", "_split_fused_fc1_linear_out_weight", "_is_fused_fc1_gate_proj",
+                         "_is_fused_fc1_up_proj", "_merge_single_adapter_weight")
+        ),
     ),
 )
 

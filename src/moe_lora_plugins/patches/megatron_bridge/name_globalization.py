@@ -42,6 +42,12 @@ SPECS = (
         verified="megatron-bridge 0.6.2: CPU gloo EP=2/4, PP=2xEP=2, PP=2xVPP=2, ETP=2; 2xH200 NCCL bf16. "
         "0.4.0 (read, not run): same signature, but renumbers only grouped weight{e} under EP and never "
         "local_experts.{e}; left out of the range until run there.",
+        requires=(
+            "megatron.bridge.models.conversion.model_bridge:_get_pp_group",
+            "megatron.bridge.models.conversion.utils:get_module_and_param_from_name",
+            "megatron.core.utils:get_pg_size",
+            "megatron.core.transformer.module:MegatronModule",
+        ),
     ),
 )
 

