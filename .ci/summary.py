@@ -1,21 +1,47 @@
-"""Add up the JUnit files every lane wrote and print one closing line: 'N passed, N failed, N skipped'."""
+"""Print each lane's result and time (nox's --report) and one closing line over every lane's JUnit
+file: 'N passed, N failed, N skipped'. Exit 1 when a lane failed, a test failed or no test passed."""
 
 from __future__ import annotations
 
+import json
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-totals = {"passed": 0, "failed": 0, "skipped": 0}
-lanes = []
-for path in sorted(Path(sys.argv[1]).glob("junit-*.xml")):
-    root = ET.parse(path).getroot()
-    for suite in root.iter("testsuite"):
-        tests, failures, errors, skipped = (int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped"))
-        totals["passed"] += tests - failures - errors - skipped
-        totals["failed"] += failures + errors
-        totals["skipped"] += skipped
-        lanes.append(f"{path.stem[len('junit-'):]}: {tests - failures - errors - skipped} passed")
-print("; ".join(lanes))
-print(f"total: {totals['passed']} passed, {totals['failed']} failed, {totals['skipped']} skipped")
-sys.exit(1 if totals["failed"] or not totals["passed"] else 0)
+
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)}m{seconds % 60:04.1f}s"
+
+
+def main(nox_dir: Path) -> int:
+    passed: dict[str, int] = {}
+    totals = {"passed": 0, "failed": 0, "skipped": 0}
+    for path in sorted(nox_dir.glob("junit-*.xml")):
+        lane = path.stem[len("junit-"):]
+        for suite in ET.parse(path).getroot().iter("testsuite"):
+            tests, failures, errors, skipped = (
+                int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")
+            )
+            passed[lane] = passed.get(lane, 0) + tests - failures - errors - skipped
+            totals["passed"] += tests - failures - errors - skipped
+            totals["failed"] += failures + errors
+            totals["skipped"] += skipped
+
+    lane_failed = False
+    report = nox_dir / "report.json"
+    if report.exists():
+        sessions = json.loads(report.read_text())["sessions"]
+        total_time = sum(s["duration"] for s in sessions)
+        for s in sessions:
+            lane_failed |= s["result"] == "failed"
+            tests = f", {passed[s['name']]} passed" if s["name"] in passed else ""
+            print(f"lane {s['name']}: {s['result']} in {_minutes(s['duration'])}{tests}")
+        print(f"all lanes: {_minutes(total_time)}")
+    else:
+        print("; ".join(f"{lane}: {n} passed" for lane, n in passed.items()))
+    print(f"total: {totals['passed']} passed, {totals['failed']} failed, {totals['skipped']} skipped")
+    return 1 if lane_failed or totals["failed"] or not totals["passed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(Path(sys.argv[1])))

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import EXTENSION, stop_engine
+from .conftest import EXTENSION, stop_engine
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

