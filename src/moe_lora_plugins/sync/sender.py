@@ -5,6 +5,11 @@ Takes what the export produces (a ``moe_lora_plugins.lora.convert.LoraAdapter``,
 megatron_name)`` tuples), keeps the layers this sender owns (one sender per pipeline stage), puts it
 in the compact wire form (a tensor shared under several names, like a shared expert adapter,
 travels once) and sends it in buckets of at most ``bucket_bytes``.
+
+What is sent leaves the trainer, so it goes through the plugins' ``on_export_weights`` chain (kind
+``adapter``) unless it already did: a stream from a patched Megatron-Bridge export arrives hooked and
+is not chained twice (``moe_lora_plugins.hooks.streams``, the one call of this module into the hook
+layer). A plugin's transform is what the engine receives.
 """
 
 from __future__ import annotations
@@ -40,6 +45,21 @@ def tensors_from_export(stream: Iterable[tuple[Any, ...]]) -> dict[str, Any]:
     return out
 
 
+def hooked_adapter_tensors(adapter: Any) -> dict[str, Any]:
+    """``{peft_name: tensor}`` of what a sync sends, after the plugins' ``on_export_weights`` chain.
+
+    ``adapter`` is a ``LoraAdapter``, a ``{name: tensor}`` dict or an export stream; a stream that
+    already went through the chain (a patched Megatron-Bridge export) is not chained again.
+    """
+    from moe_lora_plugins.hooks.streams import export_stream
+
+    if hasattr(adapter, "tensors") and hasattr(adapter, "peft_config"):
+        adapter = adapter.tensors
+    if isinstance(adapter, Mapping):  # names are the receiver's already: kept as they are
+        return {item[0]: item[1] for item in export_stream(list(adapter.items()), "adapter")}
+    return tensors_from_export(export_stream(adapter, "adapter"))
+
+
 def layer_of(name: str) -> int | None:
     match = _LAYER.search(name)
     return int(match.group(1)) if match else None
@@ -72,11 +92,8 @@ def send_lora_adapter(
 
     ``config`` defaults to the ``LoraAdapter``'s PEFT config; with a dict or stream, pass it.
     """
-    if hasattr(adapter, "tensors") and hasattr(adapter, "peft_config"):
-        tensors, config = adapter.tensors, config or adapter.peft_config()
-    elif isinstance(adapter, Mapping):
-        tensors = adapter
-    else:
-        tensors = tensors_from_export(adapter)
+    tensors = hooked_adapter_tensors(adapter)
+    if config is None and hasattr(adapter, "peft_config"):
+        config = adapter.peft_config()
     return send_adapter(sync_pieces(tensors, layers, compact), group, receivers, sender=sender, version=version,
                         bucket_bytes=bucket_bytes, config=dict(config) if config is not None else None, device=device)
