@@ -24,6 +24,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 # registered as it is.
 BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (
     ("lora_actor", "moe_lora_plugins.plugins.lora_actor"),
+    ("generate_state", "moe_lora_plugins.plugins.generate_state"),
 )
 
 logger = logging.getLogger("moe_lora_plugins.hooks")
