@@ -98,7 +98,7 @@ def test_the_five_lifecycle_hooks_reach_the_listeners_in_the_loops_order_with_th
     assert events[:5] == ["reset", "start", "submit", "submit", "submit"]  # reset: from the constructor
     assert events[-2:] == ["complete", "reset"]
     assert [c[1] for c in recorder.calls if c[0] == "selected"] == [1, 0]  # in the order the groups finished
-    assert ("complete", 7, 2, 1) == recorder.calls[-2][:4]
+    assert recorder.calls[-2][:4] == ("complete", 7, 2, 1)
     assert ("done", 2, True) in recorder.calls  # the aborted group's task was cancelled
     assert all(call[-1] is state for call in recorder.calls if call[0] in ("start", "submit", "selected", "reset"))
 
@@ -115,7 +115,10 @@ def test_the_built_in_counters_give_each_rollouts_metrics(recorder):
 
 
 def test_the_hooks_object_form_hands_the_hosts_own_state_to_the_listeners(recorder):
-    from moe_lora_plugins.integrations.generate_state import MoeLoraGenerateStateHooks, StandaloneGenerateState
+    from moe_lora_plugins.integrations.generate_state import (
+        MoeLoraGenerateStateHooks,
+        StandaloneGenerateState,
+    )
 
     host_state = StandaloneGenerateState(Namespace())
     hooks = MoeLoraGenerateStateHooks(host_state)

@@ -17,7 +17,12 @@ from typing import Any
 import pytest
 
 from moe_lora_plugins.testing.distributed import run_distributed
-from moe_lora_plugins.testing.plugin_site import RECORD_ENV, SCALE_ENV, build_export_recorder_site, read_record
+from moe_lora_plugins.testing.plugin_site import (
+    RECORD_ENV,
+    SCALE_ENV,
+    build_export_recorder_site,
+    read_record,
+)
 from moe_lora_plugins.testing.tiny_models import ParallelLayout, tiny_qwen3_moe_config
 
 pytestmark = pytest.mark.megatron
