@@ -101,12 +101,14 @@ class SyncOutcome:
 def sync_adapter(
     llm: Any, tmp_path: Any, name: str, lora_int_id: int, tensors: dict[str, Any], config: dict[str, Any], *,
     stages: list[list[int]] = ([0], [1]), version: int = 1, bucket_bytes: int = 8192, fault: str | None = None,
-    sender_options: dict[str, Any] | None = None, receive: Any = None,
+    sender_options: dict[str, Any] | None = None, receive: Any = None, sender_env: dict[str, str] | None = None,
+    sender_path: str | None = None,
 ) -> SyncOutcome:
     """Send ``tensors`` from one real process per pipeline stage to the engine's worker over gloo.
 
     ``receive(name, lora_int_id, senders, version)`` runs the engine side (default: the bare
-    ``moelora_receive_adapter`` RPC, first worker's report)."""
+    ``moelora_receive_adapter`` RPC, first worker's report). ``sender_env`` / ``sender_path`` add
+    environment variables / a ``sys.path`` entry (a plugin's site) to the sender processes."""
     from safetensors.torch import save_file
 
     adapter_file = os.path.join(str(tmp_path), f"{name}-v{version}.safetensors")
@@ -122,7 +124,8 @@ def sync_adapter(
         with open(job_file, "w") as f:
             json.dump(job, f)
         processes.append(subprocess.Popen([sys.executable, SENDER, job_file], stdout=subprocess.PIPE,
-                                          stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": SRC}))
+                                          stderr=subprocess.PIPE, text=True, env={**os.environ, **(sender_env or {}),
+                                                                     "PYTHONPATH": os.pathsep.join(filter(None, [SRC, sender_path]))}))
     report, error = None, None
     try:
         llm.collective_rpc("moelora_init_sync_group", args=("127.0.0.1", port, 0, world, "gloo", 30))

@@ -42,6 +42,12 @@ def main(job_path: str) -> None:
         return
     mine = {k: v for k, v in tensors.items() if int(k.split(".layers.")[1].split(".")[0]) in layers}
     mine = {k: v for k, v in mine.items() if not any(part in k for part in job.get("drop", ()))}
+    if job.get("via_send_lora_adapter"):
+        # What a trainer rank does with an adapter dict: the sender (and every export plugin) sends it.
+        report = send_lora_adapter(mine, group, job["receivers"], sender=job["sender"], version=job["version"],
+                                   bucket_bytes=job["bucket_bytes"], config=job["config"], compact=False)
+        print(json.dumps({"buckets": report.buckets, "payload_bytes": report.payload_bytes}), flush=True)
+        return
     if "dtype" in job:
         mine = {k: v.to(getattr(torch, job["dtype"])) for k, v in mine.items()}
     if job.get("compact_shared_experts"):

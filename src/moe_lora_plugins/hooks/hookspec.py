@@ -97,13 +97,36 @@ def on_export_weights(
 
 @hookspec(firstresult=True)
 def on_generate_state(args: Any) -> Any | None:
-    """Provide the rollout-side generate state for a host's ``--custom-generate-state`` seam.
+    """Provide the rollout-side lifecycle that a host's generate state delegates to.
 
     :param args: the host's parsed arguments.
 
-    Called in the rollout manager process when the host builds its generate state. The first
-    non-``None`` result wins (``firstresult``): it is the state object the host uses (for example
-    multi-LoRA routing with lifecycle hooks). Return ``None`` to let the host build its default.
+    Called once per generate state, in the process that runs the rollout loop (miles' / slime's rollout
+    manager), when ``moe_lora_plugins.integrations.generate_state.MoeLoraGenerateState`` (named with
+    ``--custom-generate-state-path``) or ``MoeLoraGenerateStateHooks`` is constructed. The first
+    non-``None`` result wins (``firstresult``): an object with the five lifecycle methods
+    (``on_group_submit``, ``on_group_selected``, ``on_generate_rollout_start``,
+    ``on_generate_rollout_complete``, ``reset``; see :class:`moe_lora_plugins.hooks.lifecycle.GenerateLifecycle`).
+    When no plugin answers, the lifecycle calls every :func:`moelora_generate_state_listeners`
+    listener (:func:`moe_lora_plugins.hooks.lifecycle.lifecycle_for`); implement this hook only to
+    replace that whole dispatch.
+    """
+
+
+@hookspec
+def moelora_generate_state_listeners(args: Any) -> list[Any] | None:
+    """Return listeners for the rollout lifecycle: objects with any of the five lifecycle methods.
+
+    :param args: the host's parsed arguments.
+
+    Called once per generate state, in the rollout process. Every implementation is called; the
+    listeners are called in pluggy's call order (last registered first), each with the generate
+    state as first argument: ``on_group_submit(state, group, task)`` and ``reset(state)`` are plain
+    calls (``task`` is the ``asyncio.Task`` generating the group: add done callbacks to it);
+    ``on_group_selected(state, group)``, ``on_generate_rollout_start(state, rollout_id)`` and
+    ``on_generate_rollout_complete(state, rollout_id, completed_samples, aborted_samples)`` may be
+    coroutines. This is where per-request adapter routing (multi-LoRA), the true-on-policy gate and
+    rollout metrics hook in.
     """
 
 

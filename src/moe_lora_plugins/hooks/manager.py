@@ -25,6 +25,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (
     ("lora_actor", "moe_lora_plugins.plugins.lora_actor"),
     ("true_on_policy", "moe_lora_plugins.plugins.true_on_policy"),
+    ("generate_state", "moe_lora_plugins.plugins.generate_state"),
 )
 
 logger = logging.getLogger("moe_lora_plugins.hooks")

@@ -37,9 +37,14 @@ def expert_tp_fc1_split_fixed() -> bool:
 
 
 def as_lora_config(config: Any) -> LoraConfig | None:
-    """A :class:`LoraConfig` from what the host passes (the dataclass itself or its parsed argparse namespace)."""
+    """A :class:`LoraConfig` from what the host passes: the dataclass itself, a host seam's
+    ``hooks.build.BuildConfig`` (its ``lora``), or the host's parsed argparse namespace."""
     if config is None or isinstance(config, LoraConfig):
         return config
+    from moe_lora_plugins.hooks.build import BuildConfig
+
+    if isinstance(config, BuildConfig):
+        return config.lora
     if hasattr(config, "enable_lora"):
         return LoraConfig.from_args(config)
     return None
@@ -73,11 +78,15 @@ def _model_config(model_chunks: list[Any], provider: Any) -> Any:
 
 @hookimpl
 def on_build_model(model_chunks: list[Any], provider: Any, role: str, config: Any) -> None:
-    """Apply LoRA to the actor's chunks in place; any other role, or LoRA off, changes nothing."""
+    """Apply LoRA to the actor's chunks in place; any other role, LoRA off, or chunks the host already gave
+    LoRA (miles' own ``--lora-rank`` path) change nothing."""
     lora = as_lora_config(config)
     if role != ACTOR_ROLE or lora is None or not lora.enabled:
         return
     module_names = [name for chunk in model_chunks for name, _ in chunk.named_modules()]
+    if any(name.endswith(".adapter") for name in module_names):
+        logger.info("moe-lora-plugins: the host applied LoRA to this actor already (rank %d); left as it is", _rank())
+        return
     validate_lora_config(
         lora,
         model=ModelFacts.from_megatron_config(_model_config(model_chunks, provider)),

@@ -5,6 +5,11 @@ Takes what the export produces (a ``moe_lora_plugins.lora.convert.LoraAdapter``,
 megatron_name)`` tuples), keeps the layers this sender owns (one sender per pipeline stage), puts it
 in the compact wire form (a tensor shared under several names, like a shared expert adapter,
 travels once) and sends it in buckets of at most ``bucket_bytes``.
+
+What is sent leaves the trainer, so it goes through the plugins' ``on_export_weights`` chain (kind
+``adapter``) unless it already did: a stream from a patched Megatron-Bridge export arrives hooked and
+is not chained twice (``moe_lora_plugins.hooks.streams``, the one call of this module into the hook
+layer). A plugin's transform is what the engine receives.
 """
 
 from __future__ import annotations
@@ -38,6 +43,21 @@ def tensors_from_export(stream: Iterable[tuple[Any, ...]]) -> dict[str, Any]:
         name = _PEFT_ADAPTER_NAME.sub(r".\1.weight", name)
         out[name if name.startswith(PEFT_PREFIX) else PEFT_PREFIX + name] = tensor
     return out
+
+
+def hooked_adapter_tensors(adapter: Any) -> dict[str, Any]:
+    """``{peft_name: tensor}`` of what a sync sends, after the plugins' ``on_export_weights`` chain.
+
+    ``adapter`` is a ``LoraAdapter``, a ``{name: tensor}`` dict or an export stream; a stream that
+    already went through the chain (a patched Megatron-Bridge export) is not chained again.
+    """
+    from moe_lora_plugins.hooks.streams import export_stream
+
+    if hasattr(adapter, "tensors") and hasattr(adapter, "peft_config"):
+        adapter = adapter.tensors
+    if isinstance(adapter, Mapping):  # names are the receiver's already: kept as they are
+        return {item[0]: item[1] for item in export_stream(list(adapter.items()), "adapter")}
+    return tensors_from_export(export_stream(adapter, "adapter"))
 
 
 def layer_of(name: str) -> int | None:
@@ -78,12 +98,10 @@ def send_lora_adapter(
     ``config`` defaults to the ``LoraAdapter``'s PEFT config; with a dict or stream, pass it. ``dedupe``
     defaults to ``"identity"``, and to ``"content"`` for an export stream (whose shared tensors are copies).
     """
-    if hasattr(adapter, "tensors") and hasattr(adapter, "peft_config"):
-        tensors, config = adapter.tensors, config or adapter.peft_config()
-    elif isinstance(adapter, Mapping):
-        tensors = adapter
-    else:
-        tensors = tensors_from_export(adapter)
-        dedupe = dedupe or "content"
-    return send_adapter(sync_pieces(tensors, layers, compact, dedupe or "identity"), group, receivers, sender=sender, version=version,
+    is_stream = not (hasattr(adapter, "tensors") or isinstance(adapter, Mapping))
+    tensors = hooked_adapter_tensors(adapter)
+    if config is None and hasattr(adapter, "peft_config"):
+        config = adapter.peft_config()
+    dedupe = dedupe or ("content" if is_stream else "identity")
+    return send_adapter(sync_pieces(tensors, layers, compact, dedupe), group, receivers, sender=sender, version=version,
                         bucket_bytes=bucket_bytes, config=dict(config) if config is not None else None, device=device)

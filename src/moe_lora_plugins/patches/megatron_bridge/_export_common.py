@@ -129,6 +129,29 @@ def maybe_audited(items: Iterable[Any], kind: str, models: Any, label: str = "")
     return audited(items, audit)
 
 
+def export_layout() -> dict[str, int]:
+    """This rank's parallel sizes and ranks (``pp``, ``vpp``, ``ep``, ``etp``, ``tp``, ``*_rank``) for the
+    export hook's context; empty when Megatron's parallel state is not initialised."""
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return {}
+    return {
+        "tp": ps.get_tensor_model_parallel_world_size(), "tp_rank": ps.get_tensor_model_parallel_rank(),
+        "pp": ps.get_pipeline_model_parallel_world_size(), "pp_rank": ps.get_pipeline_model_parallel_rank(),
+        "vpp": ps.get_virtual_pipeline_model_parallel_world_size() or 1,
+        "ep": ps.get_expert_model_parallel_world_size(), "ep_rank": ps.get_expert_model_parallel_rank(),
+        "etp": ps.get_expert_tensor_parallel_world_size(), "etp_rank": ps.get_expert_tensor_parallel_rank(),
+    }
+
+
+def hooked(items: Iterable[Any], kind: str, models: Any, bridge: Any) -> Iterator[Any]:
+    """``items`` through the plugins' ``on_export_weights`` chain (see ``hooks.streams``)."""
+    from moe_lora_plugins.hooks.streams import export_stream
+
+    return export_stream(items, kind, model=model_list(models), bridge=bridge, layout=export_layout())  # type: ignore[arg-type]
+
+
 def _group_device(group: Any) -> Any:
     import torch
     import torch.distributed as dist

@@ -4,7 +4,8 @@ Wraps ``MegatronPeftBridge.stream_adapter_weights_megatron_to_hf`` (both AutoBri
 With globally numbered adapter names (see ``name_globalization``) each EP rank's upstream stream
 holds its own experts under their global names plus the tensors every rank holds; the wrapper
 gathers the rank-owned ones over the expert-parallel group in one transfer, so every rank emits
-experts ``0..E-1`` exactly once, then audits the stream. 2- and 3-tuple items are both kept as they
+experts ``0..E-1`` exactly once, then audits the stream and passes it through the plugins'
+``on_export_weights`` chain (kind ``adapter``). 2- and 3-tuple items are both kept as they
 come. Grouped (TEGroupedMLP) adapters that upstream already gathers are recognised as replicated.
 """
 
@@ -40,12 +41,13 @@ SPECS = (
 
 
 def stream_adapter_weights(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[Any]:
-    """The upstream adapter stream, gathered over EP and audited (a generator, like upstream's)."""
+    """The upstream adapter stream, gathered over EP, audited and hooked (lazy, like upstream's generator)."""
     from moe_lora_plugins.patches.megatron_bridge._export_common import (
         bind_call,
         clear_name_caches,
         ep_group,
         gather_expert_items,
+        hooked,
         maybe_audited,
     )
 
@@ -58,4 +60,4 @@ def stream_adapter_weights(wrapped: Any, instance: Any, args: tuple[Any, ...], k
         items = gather_expert_items(items, ep_group(models))
         yield from maybe_audited(items, "adapter", models)
 
-    return stream()
+    return hooked(stream(), "adapter", models, instance)

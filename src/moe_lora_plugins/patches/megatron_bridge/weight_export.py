@@ -4,9 +4,10 @@ Wraps ``MegatronModelBridge.stream_weights_megatron_to_hf``. The stream itself i
 other Megatron-Bridge patches in place (global adapter names, per-owner expert merge, per-shard fc1
 split) it is the world-size-1 stream in every layout. The wrapper drops name caches the bridge
 filled before the patches were applied, gathers all expert adapters of a merged export over EP in
-one transfer up front (see ``merge_adapter``), and passes the stream through the export audit, which raises
-on any missing, doubled or wrongly shaped (layer, expert, projection). Items keep their tuple shape
-(upstream 2-tuples, the slime/miles 3-tuples).
+one transfer up front (see ``merge_adapter``), passes the stream through the export audit, which raises
+on any missing, doubled or wrongly shaped (layer, expert, projection), and then through the plugins'
+``on_export_weights`` chain (kind ``full`` or ``merged``). Items keep their tuple shape (upstream
+2-tuples, the slime/miles 3-tuples).
 """
 
 from __future__ import annotations
@@ -41,11 +42,12 @@ SPECS = (
 
 
 def stream_weights(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[Any]:
-    """Upstream's stream with fresh name caches, through the export audit."""
+    """Upstream's stream with fresh name caches, through the export audit and the export hook."""
     from moe_lora_plugins.patches.megatron_bridge._export_common import (
         bind_call,
         clear_name_caches,
         drop_prefetched,
+        hooked,
         maybe_audited,
         prefetch_expert_adapters,
     )
@@ -54,7 +56,7 @@ def stream_weights(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: d
     call = bind_call(wrapped, args, kwargs)
     models = call["megatron_model"]
     if not call.get("merge_adapter_weights"):
-        return maybe_audited(wrapped(*args, **kwargs), "plain", models)
+        return hooked(maybe_audited(wrapped(*args, **kwargs), "plain", models), "full", models, instance)
 
     def merged() -> Iterator[Any]:
         prefetch_expert_adapters(models)
@@ -63,4 +65,4 @@ def stream_weights(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: d
         finally:
             drop_prefetched(models)
 
-    return maybe_audited(merged(), "merged", models)
+    return hooked(maybe_audited(merged(), "merged", models), "merged", models, instance)

@@ -1,0 +1,93 @@
+"""Every Megatron model a host builds reaches ``on_build_model`` before DDP wrapping.
+
+A host seam (``integrations.megatron_init.init(args)`` for slime / miles, the SkyRL and verl
+integrations) declares the process's build configuration once with :func:`set_build_config`. From
+then on the ``megatron_bridge.pre_wrap_build_hooks`` patch adds :func:`pre_wrap_hook` to every
+``provide_distributed_model`` call, so the plugins see each model's chunks with the provider, the
+role and that configuration. The role is, in order: the innermost :func:`building` block, the
+provider's ``moelora_role`` attribute, the configuration's ``default_role`` (``"actor"``).
+Only the standard library and pluggy are imported here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+ROLES = ("actor", "reference", "critic")
+
+
+@dataclass
+class BuildConfig:
+    """What a host seam hands to ``on_build_model``: its parsed arguments and what we read from them.
+
+    ``lora`` is a ``moe_lora_plugins.lora_config.LoraConfig`` (or ``None``); ``moe`` a
+    ``moe_lora_plugins.trainer_kit.MoeRuntimeConfig`` (or ``None``); ``args`` the host's own namespace
+    or config object; ``seed`` the host's base seed (``None``: leave the RNG alone).
+    """
+
+    args: Any = None
+    lora: Any = None
+    moe: Any = None
+    seed: int | None = None
+    default_role: str = "actor"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def enable_lora(self) -> bool:
+        """So that ``lora_actor.as_lora_config`` and hosts' ``args.enable_lora`` checks read it alike."""
+        return bool(self.lora is not None and self.lora.enabled)
+
+
+_lock = threading.Lock()
+_config: BuildConfig | None = None
+_role: contextvars.ContextVar[str | None] = contextvars.ContextVar("moelora_build_role", default=None)
+
+
+def set_build_config(config: BuildConfig | None) -> None:
+    """Declare (or, with ``None``, withdraw) this process's build configuration."""
+    global _config
+    if config is not None and config.default_role not in ROLES:
+        raise ValueError(f"BuildConfig.default_role must be one of {ROLES}, got {config.default_role!r}")
+    with _lock:
+        _config = config
+
+
+def build_config() -> BuildConfig | None:
+    """The configuration a host seam declared in this process, or ``None`` (then builds are untouched)."""
+    return _config
+
+
+@contextlib.contextmanager
+def building(role: str) -> Iterator[None]:
+    """Models built inside this block get ``role`` (``actor``, ``reference`` or ``critic``)."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    token = _role.set(role)
+    try:
+        yield
+    finally:
+        _role.reset(token)
+
+
+def resolve_role(provider: Any, config: BuildConfig) -> str:
+    return _role.get() or getattr(provider, "moelora_role", None) or config.default_role
+
+
+def pre_wrap_hook(provider: Any, config: BuildConfig, plugin_manager: Any = None) -> Callable[[list[Any]], list[Any]]:
+    """A Megatron-Bridge pre-wrap hook that calls every plugin's ``on_build_model`` for this build."""
+    role = resolve_role(provider, config)
+
+    def call_plugins(model_chunks: list[Any]) -> list[Any]:
+        from moe_lora_plugins.hooks.manager import get_plugin_manager
+
+        pm = plugin_manager or get_plugin_manager()
+        pm.hook.on_build_model(model_chunks=model_chunks, provider=provider, role=role, config=config)
+        return model_chunks
+
+    call_plugins.moelora_role = role  # type: ignore[attr-defined]
+    return call_plugins
