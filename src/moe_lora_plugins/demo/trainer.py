@@ -336,6 +336,7 @@ class TrainerRank:
         start = time.perf_counter()
         audit = self._audited_bridge_export()
         stream = [(name, tensor.detach()) for name, tensor in audit.pop("stream")]
+        hook_context = audit.pop("hook_context")
         tensors = tensors_from_export(stream)
         config = _peft_config(tensors, self.settings.lora_alpha, self.settings.model_dir)
         check = gather_adapter(self.model, bridge=self.bridge, dst=None)
@@ -348,7 +349,11 @@ class TrainerRank:
             result.config = config
         if self.sync_group is not None:
             start = time.perf_counter()
-            report = send_lora_adapter(stream, self.sync_group, [0], sender=self.sender, version=version,
+            from moe_lora_plugins.hooks.streams import HookedStream
+
+            # The patched export already ran the plugins' on_export_weights chain: the sender must not again.
+            sent = HookedStream(iter(stream), hook_context) if hook_context is not None else stream
+            report = send_lora_adapter(sent, self.sync_group, [0], sender=self.sender, version=version,
                                        layers=self.owned_layers(), config=config)
             result.send_seconds = time.perf_counter() - start
             result.sent_bytes, result.sent_tensors, result.buckets = (
@@ -361,15 +366,15 @@ class TrainerRank:
         from moe_lora_plugins.audit import ExportAudit
         from moe_lora_plugins.patches.megatron_bridge._export_common import audit_enabled
 
-        stream = [(item[0], item[1]) for item in self.bridge.export_adapter_weights(self.model, cpu=True,
-                                                                                    show_progress=False)]
+        exported = self.bridge.export_adapter_weights(self.model, cpu=True, show_progress=False)
+        stream = [(item[0], item[1]) for item in exported]
         check = ExportAudit("adapter", num_layers=self.config.num_layers, num_experts=self.config.num_moe_experts)
         for name, tensor in stream:
             check.observe(name, tensor)
         report = check.finish()
         return {"passed": True, "patched_stream_audit": audit_enabled(), "tensors": report.tensors,
                 "bytes": report.nbytes, "layers": sorted(report.layers), "experts": sorted(report.experts),
-                "stream": stream}
+                "stream": stream, "hook_context": getattr(exported, "context", None)}
 
 
 class _Microbatch:
