@@ -75,6 +75,7 @@ class LoraConfig:
     dropout: float = 0.0
     expert_adapters: ExpertAdapters = "per-expert"
     sync_mode: SyncMode = "adapter"
+    true_on_policy: bool = False
 
     @property
     def scale(self) -> float:
@@ -115,6 +116,7 @@ class LoraConfig:
             dropout=getattr(args, "lora_dropout", defaults.dropout),
             expert_adapters=getattr(args, "lora_expert_adapters", defaults.expert_adapters),
             sync_mode=getattr(args, "lora_sync_mode", defaults.sync_mode),
+            true_on_policy=bool(getattr(args, "true_on_policy", defaults.true_on_policy)),
         )
 
 
@@ -151,7 +153,20 @@ def add_lora_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGro
              "or shared-outer (gate/up A and down B shared).")
     add("--lora-sync-mode", choices=SYNC_MODE_CHOICES, default=d.sync_mode,
         help="What reaches the rollout engine: LoRA tensors (adapter) or merged W + (alpha/r) B A (merged).")
+    add("--true-on-policy", action="store_true", default=d.true_on_policy,
+        help="True-on-policy mode: the trainer's log-probs equal the engine's bit for bit. Sets "
+             "MOELORA_TRUE_ON_POLICY=on in this process (apply_true_on_policy); set it in the engine too.")
     return group
+
+
+def apply_true_on_policy(config: LoraConfig, environ: Any = None) -> None:
+    """Make ``--true-on-policy`` and ``MOELORA_TRUE_ON_POLICY`` agree: the flag switches the mode on in this
+    process (and in the processes it starts); a flag off with the variable on is left on (the variable wins)."""
+    import os
+
+    env = os.environ if environ is None else environ
+    if config.true_on_policy:
+        env["MOELORA_TRUE_ON_POLICY"] = "on"
 
 
 @dataclass(frozen=True)
@@ -239,6 +254,13 @@ def validate_lora_config(
         )
     if not 0.0 <= config.dropout < 1.0:
         problems.append(f"--lora-dropout must be in [0, 1), got {config.dropout!r}.")
+    elif config.true_on_policy and config.dropout > 0:
+        problems.append(f"--true-on-policy with --lora-dropout {config.dropout!r}: dropout makes the scoring "
+                        "forward random, so log-probs cannot equal the engine's; set --lora-dropout 0.")
+    if config.true_on_policy and config.sync_mode == "merged":
+        problems.append("--true-on-policy with --lora-sync-mode merged: the engine would compute W' x with "
+                        "W' = W + (alpha/r) B A, the trainer W x + delta, which round differently; use "
+                        "--lora-sync-mode adapter.")
     if config.expert_adapters not in EXPERT_ADAPTER_CHOICES:
         problems.append(f"--lora-expert-adapters must be one of {list(EXPERT_ADAPTER_CHOICES)}, got {config.expert_adapters!r}.")
     if config.sync_mode not in SYNC_MODE_CHOICES:

@@ -109,3 +109,29 @@ def test_shapes_and_nans_are_refused():
         logprob_diff(torch.zeros(2, 3), torch.zeros(2, 4))
     with pytest.raises(ValueError, match="NaN"):
         logprob_diff(torch.tensor([[float("nan")]]), torch.zeros(1, 1))
+
+
+def test_the_lora_surface_has_the_flag_and_refuses_what_breaks_it():
+    import argparse
+
+    from moe_lora_plugins.lora_config import (
+        LoraConfig,
+        LoraConfigError,
+        ModelFacts,
+        add_lora_arguments,
+        apply_true_on_policy,
+        validate_lora_config,
+    )
+
+    parser = argparse.ArgumentParser()
+    add_lora_arguments(parser)
+    config = LoraConfig.from_args(parser.parse_args(["--enable-lora", "--true-on-policy"]))
+    assert config.true_on_policy is True
+    env: dict[str, str] = {}
+    apply_true_on_policy(config, env)
+    assert env == {"MOELORA_TRUE_ON_POLICY": "on"} and enabled(env)
+    for flags, message in ((["--lora-dropout", "0.1"], "set --lora-dropout 0"),
+                           (["--lora-sync-mode", "merged"], "use --lora-sync-mode adapter")):
+        bad = LoraConfig.from_args(parser.parse_args(["--enable-lora", "--true-on-policy", *flags]))
+        with pytest.raises(LoraConfigError, match=message):
+            validate_lora_config(bad, model=ModelFacts(family="moe", num_moe_experts=4))
