@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from moe_lora_plugins.demo.config import DemoConfig
+
 
 def add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -15,19 +17,25 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
         "Megatron-Bridge trainer in several gloo processes, roll out with a real vLLM engine, and sync the "
         "adapter into vLLM in place after every step, checking each sync. Exits 1 if a check fails.",
     )
-    p.add_argument("--steps", type=int, default=3, help="GRPO steps (default 3)")
+    d = DemoConfig()
+    p.add_argument("--steps", type=int, default=d.steps, help=f"GRPO steps (default {d.steps})")
     p.add_argument("--ep", type=int, default=2, help="expert-parallel size of the trainer (default 2)")
     p.add_argument("--pp", type=int, default=2, help="pipeline-parallel size of the trainer (default 2)")
     p.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per PP rank (default: none)")
     p.add_argument("--trainer-procs", type=int, default=None,
                    help="trainer processes; must equal EP x PP (the default)")
-    p.add_argument("--samples", type=int, default=16, help="rollouts per step (default 16)")
-    p.add_argument("--group-size", type=int, default=4, help="rollouts per prompt, the GRPO group (default 4)")
-    p.add_argument("--task-length", type=int, default=4, help="tokens to copy per prompt (default 4)")
-    p.add_argument("--alphabet", type=int, default=8, help="distinct symbols of the copy task (default 8)")
+    p.add_argument("--samples", type=int, default=d.samples, help=f"rollouts per step (default {d.samples})")
+    p.add_argument("--group-size", type=int, default=d.group_size,
+                   help=f"rollouts per prompt, the GRPO group (default {d.group_size})")
+    p.add_argument("--task-length", type=int, default=d.task_length,
+                   help=f"completion tokens per prompt (default {d.task_length})")
+    p.add_argument("--task", choices=("echo", "copy"), default="echo",
+                   help="echo: repeat the prompt's last symbol (default); copy: repeat the whole sequence")
+    p.add_argument("--alphabet", type=int, default=16, help="distinct task symbols (default 16)")
     p.add_argument("--lora-rank", type=int, default=4, help="LoRA rank (default 4)")
     p.add_argument("--lora-alpha", type=float, default=8.0, help="LoRA alpha (default 8)")
-    p.add_argument("--lr", type=float, default=0.05, help="Adam learning rate on the LoRA parameters")
+    p.add_argument("--lr", type=float, default=d.learning_rate,
+                   help=f"Adam learning rate on the LoRA parameters (default {d.learning_rate})")
     p.add_argument("--seed", type=int, default=0, help="seed of the model, prompts and sampling (default 0)")
     p.add_argument("--workdir", default=None, help="where the model and logs go (default: a new temp dir)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line on stdout")
@@ -45,7 +53,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
 
     config = DemoConfig(
         steps=args.steps, ep=args.ep, pp=args.pp, vpp=args.vpp, trainer_procs=args.trainer_procs,
-        samples=args.samples, group_size=args.group_size, task_length=args.task_length, alphabet=args.alphabet,
+        samples=args.samples, group_size=args.group_size, task=args.task, task_length=args.task_length, alphabet=args.alphabet,
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, learning_rate=args.lr, seed=args.seed,
         workdir=args.workdir, true_on_policy=args.true_on_policy,
     )

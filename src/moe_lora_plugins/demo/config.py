@@ -36,9 +36,10 @@ class DemoConfig:
     vpp: int | None = None
     trainer_procs: int | None = None
     samples: int = 16
-    group_size: int = 4
-    task_length: int = 4
-    alphabet: int = 8
+    group_size: int = 8
+    task: str = "echo"
+    task_length: int = 2
+    alphabet: int = 16
     lora_rank: int = 4
     lora_alpha: float = 8.0
     learning_rate: float = 0.05
@@ -111,6 +112,8 @@ def layout_problems(config: DemoConfig) -> list[str]:
             f"but each data-parallel replica gets {config.samples // config.ep} samples; choose --samples as a "
             f"multiple of {config.ep * config.pp}"
         )
+    if config.task not in ("echo", "copy"):
+        problems.append(f"--task {config.task!r}: choose echo or copy")
     if config.alphabet < 2 or 4 + config.alphabet > spec.vocab_size:
         problems.append(f"--alphabet {config.alphabet}: choose 2..{spec.vocab_size - 4} task symbols")
     if config.steps < 1:

@@ -21,7 +21,7 @@ from typing import Any
 
 from moe_lora_plugins.demo.config import DemoConfig, validate
 from moe_lora_plugins.demo.report import DemoSummary, Reporter, StepFigures, SyncFigures, lora_kinds
-from moe_lora_plugins.demo.task import CopyTask, group_advantages
+from moe_lora_plugins.demo.task import group_advantages, make_task
 
 SYNC_HOST = "127.0.0.1"
 # Patches the engine must have applied for the sync to work (plus the CPU MoE-LoRA path on the CPU).
@@ -63,7 +63,7 @@ class Demo:
     def __init__(self, config: DemoConfig, reporter: Reporter) -> None:
         self.config = config
         self.reporter = reporter
-        self.task = CopyTask(length=config.task_length, alphabet=config.alphabet)
+        self.task = make_task(config.task, config.task_length, config.alphabet)
         if config.workdir:
             self.workdir = Path(config.workdir)
             self.workdir.mkdir(parents=True, exist_ok=True)
@@ -195,7 +195,7 @@ class Demo:
 
         c = self.config
         prompts = self.task.prompts(c.prompts_per_step, seed=c.seed * 1000 + step)
-        rollouts = self.engine.rollouts(prompts, c.group_size, c.task_length, seed=c.seed * 1000 + step)
+        rollouts = self.engine.rollouts(prompts, c.group_size, self.task.completion_length, seed=c.seed * 1000 + step)
         group_prompts = [p for p in prompts for _ in range(c.group_size)]
         rewards = [self.task.reward(p, done) for p, done in zip(group_prompts, rollouts.completions, strict=True)]
         advantages = group_advantages(rewards, c.group_size)
@@ -259,7 +259,7 @@ class Demo:
             raise engine_error
         results = self.pool.collect("export_and_send")
         rank0 = results[0]
-        length = self.config.task_length
+        length = self.task.completion_length
         start = time.perf_counter()
         scores = self.engine.probe(self.probe, length)
         from_disk, disk_modules = self.engine.probe_from_disk(self.probe, length, rank0.adapter, rank0.config,
@@ -305,7 +305,7 @@ class Demo:
         dense_b = [name for name in self.adapter if lora_module_kind(name) == "dense_mlp" and ".lora_B." in name]
         if not any(self.adapter[name].any() for name in dense_b):
             return None
-        length = self.config.task_length
+        length = self.task.completion_length
         without = {name: torch.zeros_like(t) if name in dense_b else t for name, t in self.adapter.items()}
         full, _ = self.engine.probe_from_disk(self.probe, length, self.adapter, self.adapter_config,
                                               str(self.workdir / "adapter-check"))
