@@ -324,7 +324,6 @@ def merge_adapter(model: Any, adapter_dir: str | Path) -> Any:
     modules = dict(model.named_modules())
     with torch.no_grad():
         for key, pair in pairs.items():
-            delta_of = lambda w: (pair.b.float().to(w.device) @ pair.a.float().to(w.device)) * pair.scale  # noqa: E731
             match = _EXPERT_KEY.match(key)
             if match:
                 experts = modules[f"{match['block']}.experts"]
@@ -339,5 +338,6 @@ def merge_adapter(model: Any, adapter_dir: str | Path) -> Any:
                 target = modules[key].weight
             else:
                 raise HfReferenceError(f"adapter module {key!r} is not a module of the model")
-            target.copy_((target.float() + delta_of(target)).to(target.dtype))
+            delta = (pair.b.float().to(target.device) @ pair.a.float().to(target.device)) * pair.scale
+            target.copy_((target.float() + delta).to(target.dtype))
     return model
