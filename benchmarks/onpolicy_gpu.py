@@ -185,7 +185,7 @@ def bench_rank(opts: dict[str, Any]) -> dict[str, Any]:
         _sync(device)
         return out, time.perf_counter() - t0
 
-    alone_rows = [r for r in opts["alone"] if r < batch]
+    alone_rows = list(range(batch)) if opts["alone"] == ["all"] else [int(r) for r in opts["alone"] if int(r) < batch]
     # (a) mode on: alone vs in the batch, with hooks for the layer-by-layer comparison against HF
     _set_mode(model, True)
     capture = _Capture()
@@ -243,15 +243,23 @@ def bench_rank(opts: dict[str, Any]) -> dict[str, Any]:
             result["on"]["first_difference"] = name
     del megatron_points, capture
     save()
-    # (c) HF with its stock forwards, adapter merged: the default-kernel reference
+    result["on"]["megatron_on_vs_off"] = _diff(on_full, off_full)
+    result["off"]["megatron_vs_hf_invariant_reference"] = _diff(off_full, hf_on)
+    # (c) HF with its stock kernels: the adapter unmerged (PEFT's order), then merged into the weights
+    hf_onpolicy.restore_forwards(hf)
+
+    def hf_stock_logprobs(hf: Any = hf) -> Any:
+        with torch.no_grad():
+            logits = hf(input_ids=tokens, use_cache=False).logits
+        return torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
+
+    hf_onpolicy.apply_stock_lora_forwards(hf, adapter_dir)
+    result["off"]["megatron_vs_hf"] = _diff(off_full, hf_stock_logprobs())
     hf_onpolicy.restore_forwards(hf)
     hf_onpolicy.merge_adapter(hf, adapter_dir)
-    with torch.no_grad():
-        logits = hf(input_ids=tokens, use_cache=False).logits
-    hf_off = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
-    result["off"]["megatron_vs_hf"] = _diff(off_full, hf_off)
+    result["off"]["megatron_vs_hf_merged"] = _diff(off_full, hf_stock_logprobs())
     result["off"]["hf_attn_implementation"] = getattr(hf.config, "_attn_implementation", None)
-    del hf, logits
+    del hf
     if device == "cuda":
         torch.cuda.empty_cache()
     save()
@@ -289,9 +297,47 @@ def bench_rank(opts: dict[str, Any]) -> dict[str, Any]:
     result["step"]["lora_grads_finite"] = grads_finite
     if device == "cuda":
         result["step"]["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    # where the mode-on forward spends its time (synchronised module hooks; one no-grad forward of the batch)
     _set_mode(model, True)
+    result["on"]["forward_breakdown_seconds"] = _breakdown(model, lambda: megatron_logprobs(tokens, True), device)
     save()
     return result
+
+
+def _breakdown(model: Any, run: Any, device: str) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    started: dict[int, float] = {}
+    handles = []
+
+    def watch(module: Any, label: str) -> None:
+        def pre(mod: Any, args: Any) -> None:
+            _sync(device)
+            started[id(mod)] = time.perf_counter()
+
+        def post(mod: Any, args: Any, output: Any) -> None:
+            _sync(device)
+            totals[label] = totals.get(label, 0.0) + time.perf_counter() - started.pop(id(mod))
+
+        handles.extend([module.register_forward_pre_hook(pre), module.register_forward_hook(post)])
+
+    for layer in model.decoder.layers:
+        watch(layer.self_attention.linear_qkv, "attention: qkv projection (+LoRA)")
+        watch(layer.self_attention.core_attention, "attention: softmax(QK^T)V")
+        watch(layer.self_attention.linear_proj, "attention: output projection (+LoRA)")
+        watch(layer.mlp, "MoE layer (router, experts with LoRA, combine)")
+        watch(layer.input_layernorm, "norms")
+        watch(layer.pre_mlp_layernorm, "norms")
+    watch(model.output_layer, "lm head")
+    try:
+        _sync(device)
+        start = time.perf_counter()
+        run()
+        _sync(device)
+        totals["total (incl. log-softmax)"] = time.perf_counter() - start
+    finally:
+        for handle in handles:
+            handle.remove()
+    return totals
 
 
 def _versions() -> dict[str, str]:
@@ -315,12 +361,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--iters", type=int, default=3)
-    parser.add_argument("--alone", default="0,5", help="rows also scored alone")
+    parser.add_argument("--alone", default="0,5", help="rows also scored alone (comma-separated, or 'all')")
     parser.add_argument("--timeout", type=float, default=1500)
     args = parser.parse_args()
     opts = {"out": str(Path(args.out).resolve()), "device": args.device, "tiny": args.tiny, "seq": args.seq,
             "batch": args.batch, "layers": args.layers, "iters": args.iters,
-            "alone": [int(r) for r in args.alone.split(",") if r]}
+            "alone": [r for r in args.alone.split(",") if r]}
     env = {"MOELORA_PLUGINS": "on", "MOELORA_TRUE_ON_POLICY": "on", "PYTHONUNBUFFERED": "1"}
     start = time.perf_counter()
     (result,) = run_distributed(bench_rank, 1, args=(opts,), backend="nccl" if args.device == "cuda" else "gloo",

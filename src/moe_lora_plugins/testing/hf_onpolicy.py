@@ -341,3 +341,59 @@ def merge_adapter(model: Any, adapter_dir: str | Path) -> Any:
             delta = (pair.b.float().to(target.device) @ pair.a.float().to(target.device)) * pair.scale
             target.copy_((target.float() + delta).to(target.dtype))
     return model
+
+
+def apply_stock_lora_forwards(model: Any, adapter_dir: str | Path) -> Any:
+    """The adapter *unmerged* on HF's default kernels: each LoRA'd projection computes
+    ``F.linear(x, W) + F.linear(F.linear(x, A), B) * (alpha / r)`` (PEFT's order), experts included
+    (HF's own per-expert loop with the per-projection deltas). The "mode off" counterpart of
+    :func:`apply_onpolicy_forwards` without the rounding of a merge; :func:`restore_forwards` undoes it."""
+    import torch
+    from torch.nn import functional as F  # noqa: N812
+
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    pairs = {k: LoraPair(p.a.to(device, dtype), p.b.to(device, dtype), p.scale)
+             for k, p in load_peft_adapter(adapter_dir).items()}
+    adapter = _Adapter(pairs)
+    replaced: list[Any] = []
+
+    def stock(x: Any, weight: Any, lora: LoraPair | None) -> Any:
+        out = F.linear(x, weight)
+        return out if lora is None else out + F.linear(F.linear(x, lora.a), lora.b) * lora.scale
+
+    def linear_forward(lora: LoraPair) -> Any:
+        return lambda self, x: stock(x, self.weight, lora)
+
+    def experts_forward(loras: dict[int, dict[str, LoraPair | None]], ffn: int) -> Any:
+        def forward(self: Any, hidden_states: Any, top_k_index: Any, top_k_weights: Any) -> Any:
+            out = torch.zeros_like(hidden_states)
+            for expert in torch.unique(top_k_index).tolist():
+                token, slot = torch.where(top_k_index == expert)
+                rows, lora = hidden_states[token], loras.get(expert, {})
+                gate = stock(rows, self.gate_up_proj[expert, :ffn], lora.get("gate_proj"))
+                up = stock(rows, self.gate_up_proj[expert, ffn:], lora.get("up_proj"))
+                y = stock(self.act_fn(gate) * up, self.down_proj[expert], lora.get("down_proj"))
+                out.index_add_(0, token, (y * top_k_weights[token, slot, None]).to(out.dtype))
+            return out
+
+        return forward
+
+    modules = dict(model.named_modules())
+    for name, module in modules.items():
+        if type(module).__name__.endswith("Experts") and getattr(module, "gate_up_proj", None) is not None:
+            block = name.rsplit(".experts", 1)[0]
+            loras: dict[int, dict[str, LoraPair | None]] = {}
+            for key in list(adapter.pairs):
+                match = _EXPERT_KEY.match(key)
+                if match and match["block"] == block:
+                    loras.setdefault(int(match["expert"]), {})[match["proj"]] = adapter.take(key)
+            module.forward = types.MethodType(experts_forward(loras, module.gate_up_proj.shape[1] // 2), module)
+            replaced.append(module)
+        elif isinstance(module, torch.nn.Linear):
+            lora = adapter.take(name)
+            if lora is not None:
+                module.forward = types.MethodType(linear_forward(lora), module)
+                replaced.append(module)
+    adapter.check_all_used()
+    model._moelora_onpolicy_replaced = replaced
+    return model
