@@ -127,3 +127,72 @@ def test_the_comparison_can_fail(scored):
     assert effect > 1e-2
     assert off_diff.max().item() > 0, "Megatron's default kernels gave the reference's bits: the check proves nothing"
     assert off_diff.max().item() < (5e-2 if dtype_name == "bfloat16" else 1e-4)
+
+
+def _load(out: Path, dtype_name: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(out / "base", dtype=getattr(torch, dtype_name)).eval()
+
+
+def test_stock_kernel_references_agree_with_the_reference_to_rounding_only(scored):
+    """The mode-off references of the GPU benchmark (adapter unmerged on HF's kernels, adapter merged)
+    compute the same function: within rounding of the reference, and restore_forwards gives HF's own back."""
+    import torch
+
+    from moe_lora_plugins.testing import hf_onpolicy
+
+    dtype_name, out, result = scored
+    if dtype_name != "float32":
+        pytest.skip("rounding-level agreement is checked in float32")
+    tokens = result["tokens"]
+    model = _load(out, dtype_name)
+
+    def stock_logprobs():
+        with torch.no_grad():
+            logits = model(input_ids=tokens, use_cache=False).logits
+        return torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
+
+    base_only = stock_logprobs()
+    hf_onpolicy.apply_onpolicy_forwards(model, out / "adapter")
+    reference = hf_onpolicy.hf_token_logprobs(model, tokens)
+    hf_onpolicy.restore_forwards(model)
+    assert torch.equal(stock_logprobs(), base_only), "restore_forwards left a replaced forward behind"
+    hf_onpolicy.apply_stock_lora_forwards(model, out / "adapter")
+    unmerged = stock_logprobs()
+    hf_onpolicy.restore_forwards(model)
+    hf_onpolicy.merge_adapter(model, out / "adapter")
+    merged = stock_logprobs()
+    for label, other in (("unmerged", unmerged), ("merged", merged)):
+        diff = (other - reference).abs().max().item()
+        assert 0 < diff < 1e-4, f"{label} stock LoRA vs reference: {diff:.3e}"
+    assert (base_only - reference).abs().max().item() > 1e-2  # the adapter is applied in each of them
+
+
+def test_adapter_modules_the_reference_does_not_apply_are_refused(scored, tmp_path):
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from moe_lora_plugins.testing.hf_onpolicy import HfReferenceError, apply_onpolicy_forwards
+
+    dtype_name, out, _ = scored
+    adapter = tmp_path / "adapter"
+    shutil.copytree(out / "adapter", adapter)
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    hidden, experts, rank = 64, 4, config["r"]
+    prefix = "base_model.model.model.layers.1.mlp.gate"
+    tensors[f"{prefix}.lora_A.weight"] = torch.zeros(rank, hidden)
+    tensors[f"{prefix}.lora_B.weight"] = torch.zeros(experts, rank)
+    save_file(tensors, str(adapter / "adapter_model.safetensors"))
+    with pytest.raises(HfReferenceError, match=r"router LoRA on model\.layers\.1\.mlp\.gate"):
+        apply_onpolicy_forwards(_load(out, dtype_name), adapter)
+    tensors = {k.replace(prefix, "base_model.model.model.layers.1.mlp.shared_expert.up_proj"): v
+               for k, v in tensors.items()}
+    save_file(tensors, str(adapter / "adapter_model.safetensors"))
+    with pytest.raises(HfReferenceError, match=r"does not apply: \['model\.layers\.1\.mlp\.shared_expert\.up_proj'\]"):
+        apply_onpolicy_forwards(_load(out, dtype_name), adapter)
