@@ -135,3 +135,16 @@ def test_the_lora_surface_has_the_flag_and_refuses_what_breaks_it():
         bad = LoraConfig.from_args(parser.parse_args(["--enable-lora", "--true-on-policy", *flags]))
         with pytest.raises(LoraConfigError, match=message):
             validate_lora_config(bad, model=ModelFacts(family="moe", num_moe_experts=4))
+
+
+def test_doctor_shows_whether_the_mode_is_on_and_satisfied_here(monkeypatch):
+    from moe_lora_plugins import doctor
+
+    monkeypatch.setenv("MOELORA_TRUE_ON_POLICY", "on")
+    monkeypatch.setenv("MOELORA_ROLE", "trainer")
+    report = doctor.collect(import_targets=False)
+    assert report["true_on_policy"]["mode"] == "on"
+    assert report["true_on_policy"]["satisfied"] is False, "nothing is applied in a process that did not activate"
+    assert "true-on-policy mode: on (role trainer; NOT satisfied, missing [" in doctor.render_text(report)
+    monkeypatch.setenv("MOELORA_TRUE_ON_POLICY", "off")
+    assert "true-on-policy mode: off" in doctor.render_text(doctor.collect(import_targets=False))
