@@ -34,14 +34,15 @@ def test_group_advantages_are_centred_within_each_group_and_zero_for_equal_rewar
 def test_echo_task_rewards_repeating_the_last_prompt_symbol():
     from moe_lora_plugins.demo.task import EchoTask
 
-    task = EchoTask(length=2, alphabet=16)
+    task = EchoTask(length=2, alphabet=8)
     prompt = task.prompts(1, seed=5)[0]
     assert len(prompt) == task.prompt_len and task.target(prompt) == [prompt[-1]] * 2
     assert task.reward(prompt, task.target(prompt)) == pytest.approx(1.0)
-    assert task.reward(prompt, [60, 61]) == 0.0
     other = FIRST_SYMBOL if prompt[-1] != FIRST_SYMBOL else FIRST_SYMBOL + 1
-    assert task.reward(prompt, [other, other]) == pytest.approx(0.3), "symbols alone earn only the format term"
-    assert task.reward(prompt, [prompt[-1], 60]) == pytest.approx(0.35 + 0.15)
+    assert task.reward(prompt, [other, other]) == 0.0
+    assert task.reward(prompt, [prompt[-1], other]) == pytest.approx(0.5)
+    assert task.allowed_tokens() == list(range(FIRST_SYMBOL, FIRST_SYMBOL + 8)), "sampling is among the symbols"
+    assert CopyTask().allowed_tokens() is None
 
 
 def test_make_task_names_the_choices():

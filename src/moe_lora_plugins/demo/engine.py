@@ -103,13 +103,15 @@ class RolloutEngine:
 
     # -- generation and scoring ------------------------------------------------------------------
 
-    def rollouts(self, prompts: list[list[int]], group_size: int, max_tokens: int, seed: int) -> Rollouts:
-        """``group_size`` sampled completions per prompt (temperature 1, fixed length) with logprobs."""
+    def rollouts(self, prompts: list[list[int]], group_size: int, max_tokens: int, seed: int,
+                 allowed_tokens: list[int] | None = None) -> Rollouts:
+        """``group_size`` sampled completions per prompt (temperature 1, fixed length) with their raw
+        (full-vocabulary) logprobs; ``allowed_tokens`` constrains what is sampled."""
         from vllm import SamplingParams
 
         start = time.perf_counter()
         params = SamplingParams(n=group_size, temperature=1.0, max_tokens=max_tokens, min_tokens=max_tokens,
-                                ignore_eos=True, logprobs=0, seed=seed)
+                                ignore_eos=True, logprobs=0, seed=seed, allowed_token_ids=allowed_tokens)
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params,
                                     lora_request=self.policy(), use_tqdm=False)
         completions, logprobs = [], []

@@ -195,7 +195,8 @@ class Demo:
 
         c = self.config
         prompts = self.task.prompts(c.prompts_per_step, seed=c.seed * 1000 + step)
-        rollouts = self.engine.rollouts(prompts, c.group_size, self.task.completion_length, seed=c.seed * 1000 + step)
+        rollouts = self.engine.rollouts(prompts, c.group_size, self.task.completion_length, seed=c.seed * 1000 + step,
+                                        allowed_tokens=self.task.allowed_tokens())
         group_prompts = [p for p in prompts for _ in range(c.group_size)]
         rewards = [self.task.reward(p, done) for p, done in zip(group_prompts, rollouts.completions, strict=True)]
         advantages = group_advantages(rewards, c.group_size)
@@ -274,7 +275,7 @@ class Demo:
             version=version,
             wire_bytes=int(received["wire_bytes"]),
             sent_bytes=sum(res.sent_bytes for res in results),
-            adapter_bytes=rank0.adapter_bytes,
+            adapter_bytes=sum(res.adapter_bytes for res in results if res.sender is not None),
             expanded_bytes=expanded,
             buckets=int(received["buckets"]),
             senders=len(self.senders),

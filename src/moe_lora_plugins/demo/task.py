@@ -1,17 +1,12 @@
 """The demo's verifiable toy tasks; the reward is computed from the completion.
 
 ``EchoTask`` (the default): a prompt is ``<s> a b c``; every completion token should be the prompt's last
-symbol ``c``. The reward is ``0.7 x`` the fraction of completion tokens equal to it ``+ 0.3 x`` the fraction
-that are task symbols at all. A policy that only learned to emit symbols earns at most
-``0.3 + 0.7 / alphabet``; more needs the prompt. ``CopyTask``, below, repeats the whole sequence.
-
-A prompt is ``<s> a b c d =``; the completion should repeat ``a b c d``. The reward is
-``0.8 * (fraction of positions copied right) + 0.2 * (fraction of completion tokens that are task
-symbols at all)``: the small format term gives the policy gradient a signal even from a random
-model, whose samples rarely hit an exact position. GRPO-style advantages are rewards centred (and
-scaled) within each prompt's group.
-"""
-
+symbol ``c``; the engine samples among the task symbols only (vLLM's ``allowed_token_ids``: constrained
+decoding, so a random model starts at chance, ``1 / alphabet``, instead of never emitting a symbol). The
+reward is the fraction of completion tokens equal to ``c``. Log-probs on both sides are the model's
+full-vocabulary log-softmax (vLLM's raw log-probs), so the on-policy comparison is unaffected.
+``CopyTask`` repeats the whole sequence after ``=`` and samples from the whole vocabulary, with a format
+term in its reward.
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -51,12 +46,14 @@ class EchoTask:
     def is_symbol(self, token: int) -> bool:
         return FIRST_SYMBOL <= token < FIRST_SYMBOL + self.alphabet
 
+    def allowed_tokens(self) -> list[int] | None:
+        """The tokens the engine may sample: the task symbols."""
+        return list(range(FIRST_SYMBOL, FIRST_SYMBOL + self.alphabet))
+
     def reward(self, prompt: list[int], completion: list[int]) -> float:
-        """0.7 x the fraction of completion tokens equal to the last prompt symbol + 0.3 x the fraction of symbols."""
+        """The fraction of completion tokens equal to the last prompt symbol."""
         tokens = completion[: self.length]
-        echoed = sum(int(t == prompt[-1]) for t in tokens) / self.length
-        symbols = sum(int(self.is_symbol(t)) for t in tokens) / self.length
-        return 0.7 * echoed + 0.3 * symbols
+        return sum(int(t == prompt[-1]) for t in tokens) / self.length
 
 
 @dataclass(frozen=True)
@@ -73,6 +70,10 @@ class CopyTask:
     @property
     def completion_length(self) -> int:
         return self.length
+
+    def allowed_tokens(self) -> list[int] | None:
+        """Any token (the reward's format term teaches the symbols)."""
+        return None
 
     def prompts(self, count: int, seed: int) -> list[list[int]]:
         import torch

@@ -341,7 +341,14 @@ class TrainerRank:
         config = _peft_config(tensors, self.settings.lora_alpha, self.settings.model_dir)
         check = gather_adapter(self.model, bridge=self.bridge, dst=None)
         audit["agrees_with_gather"] = _bridge_stream_agrees(stream, check.tensors)
-        adapter_bytes = sum(t.numel() * t.element_size() for t in encode(tensors, dedupe="content").tensors.values())
+        # What this stage sends: its layers' distinct tensors (the copies an export stream makes of a shared
+        # tensor, q/k/v's LoRA A, travel once; so do equal tensors such as the zero LoRA B before step 1).
+        adapter_bytes = 0
+        if self.sender is not None:
+            from moe_lora_plugins.sync.sender import layer_of
+
+            mine = {n: t for n, t in tensors.items() if layer_of(n) in self.owned_layers()}
+            adapter_bytes = sum(t.numel() * t.element_size() for t in encode(mine, dedupe="content").tensors.values())
         result = SyncResult(rank=_rank(), sender=self.sender, audit=audit, adapter_bytes=adapter_bytes)
         result.export_seconds = time.perf_counter() - start
         if want_adapter and _rank() == 0:
