@@ -7,6 +7,8 @@ reward is the fraction of completion tokens equal to ``c``. Log-probs on both si
 full-vocabulary log-softmax (vLLM's raw log-probs), so the on-policy comparison is unaffected.
 ``CopyTask`` repeats the whole sequence after ``=`` and samples from the whole vocabulary, with a format
 term in its reward.
+"""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
