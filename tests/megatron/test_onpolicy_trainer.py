@@ -94,3 +94,42 @@ def torch_equal(a, b) -> bool:
     import torch
 
     return bool(torch.equal(a, b))
+
+
+def _lora_gradients(model_dir: str) -> dict:
+    """LoRA gradients of a policy-gradient-style loss on 4 sequences (LoRA B random), by global name."""
+    import torch
+
+    from moe_lora_plugins.activation import activate, is_active
+    from moe_lora_plugins.demo.trainer import TrainerRank, TrainerSettings
+    from moe_lora_plugins.onpolicy import ops
+
+    if not is_active():
+        activate(role="trainer")
+    trainer = TrainerRank(TrainerSettings(model_dir, ep=1, pp=1))
+    with torch.no_grad():
+        for chunk in trainer.model:
+            for name, param in chunk.named_parameters():
+                if param.requires_grad and ".linear_out." in name:
+                    seed = zlib.crc32(trainer.lora_names[id(param)].encode())
+                    param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(seed)) * 0.3)
+    tokens = torch.randint(4, 60, (4, LENGTH), generator=torch.Generator().manual_seed(13))
+    positions = torch.arange(LENGTH)[None].expand(4, LENGTH)
+    mask = torch.triu(torch.ones(LENGTH, LENGTH, dtype=torch.bool), diagonal=1)[None, None]
+    logits = trainer.model[0](input_ids=tokens, position_ids=positions, attention_mask=mask)
+    advantages = torch.tensor([1.0, -0.5, 0.25, -0.75])
+    (-(advantages[:, None] * ops.token_logprobs(logits[:, :-1].float(), tokens[:, 1:])).mean()).backward()
+    return {trainer.lora_names[id(p)]: p.grad.clone() for p in trainer.params}
+
+
+def test_the_modes_gradients_are_the_default_kernels_gradients(model_dir):
+    """Only the forward's bits change: the LoRA gradients (through attention, RoPE, norms, router, experts,
+    the MoE combine and the LoRA delta) agree with upstream's to float32 rounding."""
+    (on,) = run_distributed(_lora_gradients, 1, args=(model_dir,), env=ON, timeout_s=600)
+    (off,) = run_distributed(_lora_gradients, 1, args=(model_dir,), env={**ON, "MOELORA_TRUE_ON_POLICY": "off"},
+                             timeout_s=600)
+    assert sorted(on) == sorted(off)
+    for name in on:
+        scale = off[name].abs().max().item()
+        assert scale > 0 or on[name].abs().max().item() == 0, name
+        assert (on[name] - off[name]).abs().max().item() <= 1e-4 * max(scale, 1e-3), name
