@@ -1,9 +1,11 @@
 """Run upstream's own unit tests twice, without and with the suite activated, and fail on any test whose
 outcome differs (tests/upstream/README.md says which tests and from where).
 
-    python tests/upstream/compare.py [--junitxml OUT.xml] [--only megatron_bridge] [-- extra pytest args]
+    python tests/upstream/compare.py --tests DIR [--junitxml OUT.xml] [--only megatron_bridge] [-- pytest args]
 
-Each package folder under tests/upstream whose package imports is run as its own pytest process, once
+``DIR`` holds upstream's test files, one folder per package (lanes/fetch_upstream_tests.py puts them
+there from tests/upstream/sources.txt; they are never committed here). Each package folder whose
+package imports is run as its own pytest process (this folder's pytest.ini and harness.py plugin), once
 with ``MOELORA_PLUGINS`` unset and once with ``MOELORA_PLUGINS=on`` (the ``.pth`` bootstrap activates
 every patch at interpreter start). Outcomes are compared per test id. ``--junitxml`` writes one test
 case per upstream test: it passes when both runs agree and fails, naming both outcomes, when they do
@@ -22,6 +24,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+DEFAULT_TESTS = HERE.parent.parent.parent / "shared" / "upstream-tests"
 PACKAGES = {"megatron_bridge": "megatron.bridge", "vllm": "vllm"}
 
 
@@ -40,7 +43,7 @@ def outcomes(junit: Path) -> dict[str, str]:
 
 def _environment(suite_on: bool) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MOELORA_") or k == "MOELORA_LANE"}
-    env["MOELORA_UPSTREAM_RUN"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE), env.get("PYTHONPATH", "")) if p)
     if suite_on:
         env["MOELORA_PLUGINS"] = "on"
     return env
@@ -52,14 +55,17 @@ def suite_activates() -> bool:
     return subprocess.run([sys.executable, "-c", probe], env=_environment(True), timeout=600).returncode == 0
 
 
-def run(package: str, suite_on: bool, workdir: Path, extra: list[str]) -> dict[str, str]:
+def run(tests: Path, package: str, suite_on: bool, workdir: Path, extra: list[str]) -> dict[str, str]:
     junit = workdir / f"{package}-{'on' if suite_on else 'off'}.xml"
     label = "with the suite" if suite_on else "without the suite"
     print(f"== {package}: upstream tests {label}", flush=True)
     subprocess.run(
-        [sys.executable, "-m", "pytest", str(HERE / package), "-q", f"--junitxml={junit}", *extra],
+        [
+            sys.executable, "-m", "pytest", str(tests / package), "-q", "-c", str(HERE / "pytest.ini"),
+            "--rootdir", str(tests / package), "-p", "harness", f"--junitxml={junit}", *extra,
+        ],
         env=_environment(suite_on),
-        cwd=HERE,
+        cwd=tests / package,
     )
     return outcomes(junit) if junit.exists() else {}
 
@@ -84,6 +90,11 @@ def write_junit(path: Path, results: dict[str, tuple[str, str]]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--tests", type=Path, default=Path(os.environ.get("MOELORA_UPSTREAM_TESTS", DEFAULT_TESTS)),
+        help="folder of upstream test files, one subfolder per package (default: $MOELORA_UPSTREAM_TESTS, "
+        "else shared/upstream-tests beside the repository)",
+    )
     parser.add_argument("--junitxml", type=Path)
     parser.add_argument("--only", choices=sorted(PACKAGES), action="append")
     parser.add_argument("pytest_args", nargs="*")
@@ -95,14 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, tuple[str, str]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for package in args.only or sorted(PACKAGES):
-            if not (HERE / package).is_dir():
-                print(f"== {package}: no upstream tests copied into {HERE / package}; not run", flush=True)
+            if not (args.tests / package).is_dir():
+                print(f"== {package}: no upstream tests in {args.tests / package}; not run", flush=True)
                 continue
             if importlib.util.find_spec(PACKAGES[package].split(".")[0]) is None:
                 print(f"== {package}: {PACKAGES[package]} is not installed here; not run", flush=True)
                 continue
-            off = run(package, False, Path(tmp), args.pytest_args)
-            on = run(package, True, Path(tmp), args.pytest_args)
+            off = run(args.tests, package, False, Path(tmp), args.pytest_args)
+            on = run(args.tests, package, True, Path(tmp), args.pytest_args)
             if not off or not on:
                 print(f"{package}: a run collected no test (without: {len(off)}, with: {len(on)})", file=sys.stderr)
                 return 2
