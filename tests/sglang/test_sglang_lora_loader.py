@@ -49,7 +49,7 @@ def _sglang_load(tensors: dict[str, torch.Tensor], config: dict, layers: int) ->
     manager.configs, manager.loras, manager.lora_refs = {}, {}, {}
     manager.num_pinned_loras, manager.max_loras_per_batch = 0, 4
     manager.speculative_algorithm = None
-    ref = LoRARef(lora_name="synced", lora_path="moelora://synced")
+    ref = LoRARef(lora_name="synced", lora_path="moelora://synced", pinned=False)
     result = manager._load_lora_adapter_from_tensors(ref, tensors, config)
     assert result.success, result.error_message
     return manager.loras[ref.lora_id]
