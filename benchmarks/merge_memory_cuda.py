@@ -1,4 +1,4 @@
-"""GPU memory and time of merged-weight export approaches on the UPSTREAM.md anchor model (bf16).
+"""GPU memory and time of merged-weight export approaches on the docs/upstream-notes.md anchor model (bf16).
 
 One rank (world size 1, NCCL) builds the anchor model (Qwen3-MoE shape, 8 layers, hidden 2048, 64
 experts, LoRA r=16 on qkv / proj / fc1 / fc2 including experts) on the GPU, fills it from global

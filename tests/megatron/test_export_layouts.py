@@ -7,7 +7,7 @@ name, in N real gloo processes. Each layout runs once: the unpatched upstream ex
 name, bitwise, with the unpatched world-size-1 export.
 
 Layouts: EP=2, EP=4, PP=2 x EP=2, PP=2 x VPP=2, expert-TP=2, EP=2 x expert-TP=2. Not covered here:
-TP > 1 with MoE (per UPSTREAM.md the non-TE local spec needs sequence parallelism for it and
+TP > 1 with MoE (per docs/upstream-notes.md the non-TE local spec needs sequence parallelism for it and
 rejects it); TEGroupedMLP experts (they need Transformer Engine, which installs neither here nor on
 the GPU box); legacy GroupedMLP experts (``mlp.experts.weight1/weight2``: gone from megatron-core
 0.19.2, which Megatron-Bridge 0.6 requires). Their naming is covered in tests/core.

@@ -3,7 +3,7 @@ the PEFT directory of the same adapter loaded through vLLM's own worker loader.
 
 A real (in-process, CPU) vLLM engine for a tiny Qwen3-MoE provides the LoRA model manager, so the
 packing (``pack_moe`` for 2-D experts, the mixed-format 3-D -> 2-D conversion for 3-D experts) is
-vLLM's. No forward pass runs: vLLM's CPU MoE-LoRA kernel needs Triton (see UPSTREAM.md).
+vLLM's. No forward pass runs: vLLM's CPU MoE-LoRA kernel needs Triton (see docs/upstream-notes.md).
 """
 
 from __future__ import annotations

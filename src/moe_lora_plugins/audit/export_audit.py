@@ -6,11 +6,20 @@ raises :class:`ExportAuditError` naming every duplicate, every expert missing fr
 shape differs from the shape expected for it (given explicitly, or shared by the other experts of
 its group). It keeps only names and shapes, so it costs a few dict updates per item (names are parsed once per
 process, since every export repeats them).
+
+The audit never breaks an export it does not understand: an item that is not ``(name, tensor, ...)``,
+a tensor-like without a readable integer shape or size (whatever the tensor class: DTensor and
+quantized tensors expose both), and a layer or expert count that is not a positive int (a config
+without MoE fields, a mock) are passed through unchecked. What was skipped and why is kept in
+``AuditReport.skipped`` and said in one log line at the end; only what was checked can fail.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
+import numbers
+import operator
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Mapping
@@ -18,6 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moe_lora_plugins.errors import MoeLoraError
+
+logger = logging.getLogger("moe_lora_plugins.audit")
 
 _HF_EXPERT = re.compile(r"(\.experts\.)(\d+)(\.)")
 _HF_LAYER = re.compile(r"(?<![A-Za-z0-9_])(layers\.)(\d+)(\.)")
@@ -40,7 +51,7 @@ class ExportAuditError(MoeLoraError, AssertionError):
 
 @dataclass
 class AuditReport:
-    """What one audited stream held."""
+    """What one audited stream held, and what the audit could not check (reason -> how many times)."""
 
     kind: str
     tensors: int = 0
@@ -48,6 +59,7 @@ class AuditReport:
     layers: set[int] = field(default_factory=set)
     experts: set[int] = field(default_factory=set)
     problems: list[str] = field(default_factory=list)
+    skipped: dict[str, int] = field(default_factory=dict)
 
 
 def _shown(items: Iterable[str], limit: int = 8) -> str:
@@ -55,37 +67,86 @@ def _shown(items: Iterable[str], limit: int = 8) -> str:
     return ", ".join(items[:limit]) + (f", ... ({len(items)} in all)" if len(items) > limit else "")
 
 
+def _count_or_reason(value: Any, what: str) -> tuple[int | None, str | None]:
+    """``(value, None)`` for a positive int; ``(None, why it is not used)`` otherwise (None: not given)."""
+    if value is None:
+        return None, None
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) > 0:
+        return int(value), None
+    shown = repr(value)
+    shown = shown if len(shown) <= 40 else shown[:37] + "..."
+    return None, f"{what} not checked: the model config gives {type(value).__name__} {shown}, not a positive int"
+
+
+def _shape(tensor: Any) -> tuple[int, ...] | None:
+    """The tensor's shape as ints, or None when it has none that reads as a tuple of integers."""
+    try:
+        shape = tensor.shape
+        if not isinstance(shape, tuple):
+            return None
+        return tuple(operator.index(dim) for dim in shape)
+    except Exception:  # a tensor-like whose shape cannot be read is passed through unchecked
+        return None
+
+
+def _nbytes(tensor: Any) -> int | None:
+    try:
+        size = tensor.numel() * tensor.element_size()
+    except Exception:  # not a torch tensor: try the numpy-style attribute
+        size = getattr(tensor, "nbytes", None)
+    return size if isinstance(size, numbers.Integral) and not isinstance(size, bool) else None
+
+
 class ExportAudit:
     """Collects names and shapes of one rank's export and checks them in :meth:`finish`.
 
-    ``num_experts`` / ``num_layers`` (when known) fix the expected ranges; ``expected_shapes``
-    maps names to the shapes they must have. ``kind`` labels the report (plain, merged, adapter).
+    ``num_experts`` / ``num_layers`` (when positive ints) fix the expected ranges; anything else
+    (None, a mock, a list) leaves that range unchecked and is recorded in ``report.skipped``.
+    ``expected_shapes`` maps names to the shapes they must have. ``kind`` labels the report (plain,
+    merged, adapter).
     """
 
     def __init__(
         self,
         kind: str,
-        num_layers: int | None = None,
-        num_experts: int | None = None,
+        num_layers: Any = None,
+        num_experts: Any = None,
         expected_shapes: Mapping[str, tuple[int, ...]] | None = None,
         label: str = "",
     ) -> None:
         self.kind = kind
-        self.num_layers = num_layers
-        self.num_experts = num_experts
+        self.report = AuditReport(kind=kind)
+        self.num_layers, why_layers = _count_or_reason(num_layers, "layer range")
+        self.num_experts, why_experts = _count_or_reason(num_experts, "expert range")
+        for reason in (why_layers, why_experts):
+            if reason:
+                self.skip(reason)
         self.expected_shapes = dict(expected_shapes or {})
         self.label = label
         self._counts: Counter[str] = Counter()
         self._shapes: dict[str, tuple[int, ...]] = {}
-        self._groups: dict[str, dict[int, tuple[int, ...]]] = defaultdict(dict)
-        self.report = AuditReport(kind=kind)
+        self._groups: dict[str, dict[int, tuple[int, ...] | None]] = defaultdict(dict)
 
-    def observe(self, name: str, tensor: Any) -> None:
-        shape = tuple(tensor.shape)
+    def skip(self, reason: str) -> None:
+        """Record something the audit passes through unchecked."""
+        self.report.skipped[reason] = self.report.skipped.get(reason, 0) + 1
+
+    def observe(self, name: Any, tensor: Any) -> None:
+        if not isinstance(name, str):
+            self.skip(f"items whose name is a {type(name).__name__}, not a str")
+            return
         self._counts[name] += 1
-        self._shapes[name] = shape
         self.report.tensors += 1
-        self.report.nbytes += tensor.numel() * tensor.element_size()
+        shape = _shape(tensor)
+        if shape is None:
+            self.skip(f"shapes of {type(tensor).__name__} items (no integer shape)")
+        else:
+            self._shapes[name] = shape
+        nbytes = _nbytes(tensor)
+        if nbytes is None:
+            self.skip(f"sizes of {type(tensor).__name__} items (no numel/element_size or nbytes)")
+        else:
+            self.report.nbytes += int(nbytes)
         layer, expert = _parse(name)
         if layer is not None:
             self.report.layers.add(layer)
@@ -106,11 +167,14 @@ class ExportAudit:
             expected_range = set(range(self.num_experts if self.num_experts else max(members) + 1))
             missing_experts += [group.replace("*", str(e)) for e in sorted(expected_range - members.keys())]
             unexpected_experts += [group.replace("*", str(e)) for e in sorted(members.keys() - expected_range)]
-            common = Counter(members.values()).most_common(1)[0][0]
+            known = Counter(shape for shape in members.values() if shape is not None)
+            if not known:
+                continue
+            common = known.most_common(1)[0][0]
             shape_mismatch += [
                 f"{group.replace('*', str(e))} {shape} (its group has {common})"
                 for e, shape in members.items()
-                if shape != common
+                if shape is not None and shape != common
             ]
         if missing_experts:
             problems.append(f"missing experts: {_shown(missing_experts)}")
@@ -134,8 +198,14 @@ class ExportAudit:
     def finish(self) -> AuditReport:
         """Check everything observed; raise :class:`ExportAuditError` naming each problem."""
         self.report.problems = self.problems()
+        where = f" ({self.label})" if self.label else ""
+        if self.report.skipped:
+            logger.warning(
+                "moe-lora-plugins: %s export audit%s checked %d items; not checked: %s",
+                self.kind, where, self.report.tensors,
+                "; ".join(f"{reason} (x{count})" for reason, count in sorted(self.report.skipped.items())),
+            )
         if self.report.problems:
-            where = f" ({self.label})" if self.label else ""
             raise ExportAuditError(
                 f"{self.kind} export audit failed{where}: " + "; ".join(self.report.problems)
                 + ". The export is incomplete or wrong for this parallel layout; report it with the layout "
@@ -145,9 +215,22 @@ class ExportAudit:
         return self.report
 
 
+def _name_and_tensor(item: Any) -> tuple[Any, Any] | None:
+    if isinstance(item, (str, bytes)):
+        return None
+    try:
+        return item[0], item[1]
+    except Exception:  # not a (name, tensor, ...) sequence: passed through unchecked
+        return None
+
+
 def audited(items: Iterable[Any], audit: ExportAudit) -> Iterator[Any]:
     """Pass ``items`` (2- or 3-tuples ``(hf_name, tensor, ...)``) through, auditing them; check at the end."""
     for item in items:
-        audit.observe(item[0], item[1])
+        pair = _name_and_tensor(item)
+        if pair is None:
+            audit.skip(f"stream items of type {type(item).__name__} (not (name, tensor, ...))")
+        else:
+            audit.observe(*pair)
         yield item
     audit.finish()

@@ -119,13 +119,21 @@ def maybe_audited(items: Iterable[Any], kind: str, models: Any, label: str = "")
         return iter(items)
     from moe_lora_plugins.audit import ExportAudit, audited
 
-    config = model_config(models)
+    try:
+        config = model_config(models)
+    except Exception as exc:  # a model the audit does not understand: check the stream without ranges
+        config, missing = None, f"layer and expert ranges not checked: no model config ({type(exc).__name__}: {exc})"
+    else:
+        missing = None
+    num_experts = getattr(config, "num_moe_experts", None)
     audit = ExportAudit(
         kind,
         num_layers=getattr(config, "num_layers", None),
-        num_experts=getattr(config, "num_moe_experts", None) or None,
+        num_experts=None if num_experts == 0 else num_experts,  # 0 / None: a dense model
         label=label,
     )
+    if missing:
+        audit.skip(missing)
     return audited(items, audit)
 
 
