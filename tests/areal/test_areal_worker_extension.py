@@ -36,7 +36,8 @@ def engine(tmp_path_factory):
     helpers.stop_engine(llm)
 
 
-def test_the_composed_class_is_areals_extension_and_ours():
+def test_the_composed_class_is_areals_extension_and_ours(engine):
+    # (the engine starts first: AReaL imports flask, whose context proxies vLLM's start-up scan trips over)
     from areal.engine.vllm_ext.vllm_worker_extension import VLLMWorkerExtension
 
     from moe_lora_plugins.integrations.areal import AReaLMoeLoraWorkerExtension
