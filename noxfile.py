@@ -258,3 +258,29 @@ def _write_lock(session: nox.Session, lock: Lock) -> None:
         lock.path.write_text(
             f"{body}\n# installed without their dependencies ({lock.nodeps}):\n" + "\n".join(pins) + "\n"
         )
+
+# -------------------------------------------------------------------------------------------------
+# Host lanes: the real host packages from PyPI, installed without their dependency trees (their pins
+# conflict with each other and with our lanes), driven through our integrations.
+# -------------------------------------------------------------------------------------------------
+
+nox.options.sessions += ["areal", "verl"]
+
+
+@nox.session(python=PY311)
+def areal(session: nox.Session) -> None:
+    """AReaL 1.0.4's vLLM worker extension composed with ours, in a real vLLM CPU engine (tests/areal)."""
+    session.install("-r", "lanes/areal.txt")
+    session.run("python", "-m", "pip", "uninstall", "-y", "torchvision", "torchaudio", "torchcodec")
+    session.install("--no-deps", "-r", "lanes/areal-nodeps.txt")
+    session.install(".")
+    _pytest(session, "tests/areal")
+
+
+@nox.session(python=PY312)
+def verl(session: nox.Session) -> None:
+    """verl 0.9.1's Megatron model construction with our external_lib integration (tests/verl)."""
+    session.install("-r", "lanes/verl.txt")
+    session.install("--no-deps", "-r", "lanes/verl-nodeps.txt")
+    session.install(".")
+    _pytest(session, "tests/verl")

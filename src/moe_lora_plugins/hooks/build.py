@@ -91,3 +91,11 @@ def pre_wrap_hook(provider: Any, config: BuildConfig, plugin_manager: Any = None
 
     call_plugins.moelora_role = role  # type: ignore[attr-defined]
     return call_plugins
+
+
+def declare_build(lora: Any = None, *, moe: Any = None, args: Any = None, seed: int | None = None,
+                  default_role: str = "actor") -> BuildConfig:
+    """Declare what this process's builds get (``lora``: a ``LoraConfig`` or ``None``); returns the config."""
+    config = BuildConfig(args=args, lora=lora, moe=moe, seed=seed, default_role=default_role)
+    set_build_config(config)
+    return config

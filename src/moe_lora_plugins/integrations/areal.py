@@ -5,7 +5,7 @@ AReaL starts its vLLM servers with ``worker_extension_cls`` set to its own
 in ``areal/api/cli_args.py``, areal 1.0.4) and calls its ``areal_*`` methods through
 ``collective_rpc``. vLLM takes one class, so set it to::
 
-    actor.vllm.worker_extension_cls=moe_lora_plugins.integrations.areal.AReaLMoeLoraWorkerExtension
+    vllm.worker_extension_cls=moe_lora_plugins.integrations.areal.AReaLMoeLoraWorkerExtension
 
 That class derives from ours (``moelora_*``: receive, validate and hot-swap a synced MoE adapter) and
 AReaL's (``areal_*`` and ``sync``), so AReaL's own disk / NCCL weight updates keep working and the
