@@ -9,6 +9,7 @@ travels once) and sends it in buckets of at most ``bucket_bytes``.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
@@ -40,7 +41,10 @@ def tensors_from_export(stream: Iterable[tuple[Any, ...]]) -> dict[str, Any]:
     return out
 
 
+@functools.lru_cache(maxsize=1 << 18)
 def layer_of(name: str) -> int | None:
+    """The decoder layer number in ``name`` (``None`` outside layers); remembered, as the same names
+    come back every sync."""
     match = _LAYER.search(name)
     return int(match.group(1)) if match else None
 
@@ -67,10 +71,13 @@ def send_lora_adapter(
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     device: Any = "cpu",
     compact: bool = True,
+    shared_memory: Any = None,
 ) -> SendReport:
     """Send an exported adapter (``LoraAdapter``, ``{name: tensor}`` or export stream) from one trainer rank.
 
     ``config`` defaults to the ``LoraAdapter``'s PEFT config; with a dict or stream, pass it.
+    ``shared_memory=True`` moves the bytes through shared memory to a receiver on this host (see
+    :func:`moe_lora_plugins.sync.transport.send_adapter`).
     """
     if hasattr(adapter, "tensors") and hasattr(adapter, "peft_config"):
         tensors, config = adapter.tensors, config or adapter.peft_config()
@@ -79,4 +86,5 @@ def send_lora_adapter(
     else:
         tensors = tensors_from_export(adapter)
     return send_adapter(sync_pieces(tensors, layers, compact), group, receivers, sender=sender, version=version,
-                        bucket_bytes=bucket_bytes, config=dict(config) if config is not None else None, device=device)
+                        bucket_bytes=bucket_bytes, config=dict(config) if config is not None else None, device=device,
+                        shared_memory=shared_memory)
