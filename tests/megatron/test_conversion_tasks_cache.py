@@ -71,7 +71,9 @@ def exports_and_task_reuse(hf_config: Any, layout: ParallelLayout) -> dict[str, 
     return out
 
 
-@pytest.mark.parametrize("layout", [ParallelLayout(), ParallelLayout(ep=2)], ids=["world1", "ep2"])
+@pytest.mark.parametrize(
+    "layout", [ParallelLayout(), ParallelLayout(ep=2), ParallelLayout(pp=2)], ids=["world1", "ep2", "pp2"]
+)
 def test_repeated_exports_reuse_tasks_and_stay_equal_to_upstream(layout):
     config = tiny_qwen3_moe_config(num_hidden_layers=2)
     for rank, r in enumerate(run_distributed(exports_and_task_reuse, layout.world_size, (config, layout), timeout_s=600)):
