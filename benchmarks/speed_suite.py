@@ -100,6 +100,15 @@ def _step_table(step: dict[str, Any]) -> list[str]:
         f"grouped / upstream {r['experts_grouped_over_upstream']:.2f}x."
     )
     c, layer = step["check_whole_model"], step["check_layer0_fc1_lora"]
+    again = c.get("upstream_again")
+    if again:
+        out.append("")
+        out.append(
+            f"Noise floor, upstream against itself (same tokens, same model): logits rel. L2 "
+            f"{again['logits_rel_l2']:.2e}; expert LoRA grads rel. L2 max {again['expert_lora_grads']['rel_l2_max']:.2e} "
+            f"/ median {again['expert_lora_grads']['rel_l2_median']:.2e}; attention LoRA grads max "
+            f"{again['attention_lora_grads']['rel_l2_max']:.2e}."
+        )
     out.append("")
     out.append(
         f"Check, grouped vs upstream on the same tokens: logits rel. L2 {c['logits_rel_l2']:.2e} (max abs "
