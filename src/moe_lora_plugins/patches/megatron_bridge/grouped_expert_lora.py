@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +65,7 @@ class _ProjectionLora:
 
     wrappers: list[Any]
     scale: float
+    _bypassed: list[Any] | None = None
 
     def factors(self) -> tuple[Any, Any]:
         import torch
@@ -74,10 +76,9 @@ class _ProjectionLora:
         return lora_a, lora_b
 
     def bypassed_modules(self) -> list[Any]:
-        out = []
-        for w in self.wrappers:
-            out += [w.adapter, w.adapter.linear_in, w.adapter.linear_out]
-        return out
+        if self._bypassed is None:
+            self._bypassed = [m for w in self.wrappers for m in (w.adapter, w.adapter.linear_in, w.adapter.linear_out)]
+        return self._bypassed
 
 
 def _step_aside(reason: str) -> None:
@@ -159,7 +160,54 @@ def _layer_reason(instance: Any) -> str:
     return ""
 
 
+_CONFIG_FLAGS = (
+    "fp8",
+    "fp4",
+    "add_bias_linear",
+    "moe_apply_probs_on_input",
+    "delay_wgrad_compute",
+    "cpu_offloading",
+    "cpu_offloading_activations",
+    "expert_tensor_parallel_size",
+)
+_plans: weakref.WeakKeyDictionary[Any, tuple[tuple[Any, ...], Any]] = weakref.WeakKeyDictionary()
+
+
+def _signature(instance: Any) -> tuple[Any, ...]:
+    """What a plan depends on that can change between calls: train/eval mode and, per expert, which
+    modules sit at fc1 / fc2 and whether their adapters are enabled."""
+    config = instance.config
+    parts: list[Any] = [instance.training, id(config), *(getattr(config, flag, None) for flag in _CONFIG_FLAGS)]
+    for expert in instance.local_experts:
+        for name in ("linear_fc1", "linear_fc2"):
+            module = expert._modules.get(name)
+            parts.append(id(module))
+            parts.append(getattr(module, "_adapter_enabled", None))
+            parts.append(id(module._modules.get("adapter")) if module is not None else None)
+    return tuple(parts)
+
+
 def _plan(instance: Any) -> tuple[_ProjectionLora | None, _ProjectionLora | None] | str:
+    """:func:`_plan_now`, remembered per layer while :func:`_signature` stays the same (the checks
+    cost about a tenth of a millisecond per adapter; a layer has hundreds)."""
+    signature = _signature(instance)
+    cached = _plans.get(instance)
+    if cached is not None and cached[0] == signature:
+        plan = cached[1]
+    else:
+        plan = _plan_now(instance)
+        _plans[instance] = (signature, plan)
+    if not isinstance(plan, str):
+        for p in plan:
+            if p is None:
+                continue
+            for module in p.bypassed_modules():
+                if module._forward_hooks or module._forward_pre_hooks_with_kwargs or module._backward_hooks:
+                    return "hooks on the adapter modules"
+    return plan
+
+
+def _plan_now(instance: Any) -> tuple[_ProjectionLora | None, _ProjectionLora | None] | str:
     reason = _layer_reason(instance)
     if reason:
         return reason
@@ -171,12 +219,6 @@ def _plan(instance: Any) -> tuple[_ProjectionLora | None, _ProjectionLora | None
             return p
     if fc1 is None and fc2 is None:
         return "no LoRA on the experts"
-    for p in (fc1, fc2):
-        if p is None:
-            continue
-        for module in p.bypassed_modules():
-            if module._forward_hooks or module._forward_pre_hooks_with_kwargs or module._backward_hooks:
-                return "hooks on the adapter modules"
     return fc1, fc2
 
 
