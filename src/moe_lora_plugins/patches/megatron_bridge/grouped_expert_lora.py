@@ -7,8 +7,9 @@ this patch the base projections still run per expert exactly as upstream runs th
 adapters of all experts run at once (:func:`moe_lora_plugins.lora.grouped.grouped_lora_delta`): the
 fc1 LoRA output of every token before the experts run, the fc2 LoRA output of every token after,
 from the fc2 inputs the experts produced. Each row gets the sums upstream computes for it, in the
-same order (base + LoRA), so on the CPU the result is bitwise upstream's; with CUDA's grouped GEMM
-kernel it is equal within bf16 rounding (``benchmarks/RESULTS-step.md``).
+same order (base + LoRA), so on the CPU the result is bitwise upstream's; on one H200 one layer's
+LoRA output was bitwise equal too, and a whole step's logits and gradients differed from upstream's
+as much as two upstream steps differ from each other (``benchmarks/RESULTS-step.md``).
 
 Upstream's per-expert path runs instead (the wrapper steps aside) when: true on-policy mode is on
 (``moe_lora_plugins.onpolicy.enabled()``), a layer has one local expert, fp8/fp4, biases on the
@@ -52,7 +53,8 @@ SPECS = (
         remove_when="Megatron-Bridge batches the adapters of SequentialMLP experts itself",
         verified="megatron-core 0.19.2 + megatron-bridge 0.6.2: CPU gloo world size 1 and EP=2, a whole "
         "model's logits and every LoRA gradient bitwise equal to upstream's per-expert path (fp32 and bf16); "
-        "1xH200 bf16, outputs and gradients within bf16 rounding (benchmarks/RESULTS-step.md).",
+        "1xH200 bf16 (torch 2.11): one layer's LoRA output bitwise equal, a whole step's logits and gradients "
+        "as far from upstream as upstream is from itself; step 2.4x faster (benchmarks/RESULTS-step.md).",
     ),
 )
 
