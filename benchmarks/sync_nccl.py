@@ -94,17 +94,20 @@ def _sync(rank: int, world: int, port: int, args: argparse.Namespace, result_pat
     config = {"r": args.rank, "lora_alpha": 2 * args.rank,
               "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
     timings = []
+    shm = args.transport == "shm"
     for step in range(args.iters):
         if args.backend == "nccl":
             torch.cuda.synchronize()
+        group.barrier().wait()  # both sides start together: the receiver's time is the whole sync
         start = time.perf_counter()
         if rank == 0:
             received = receive_adapter(group, senders, version=step, device=device)
+            received_tensors = len(received.tensors)
         else:
             stage = rank - 1
             layers = {layer for layer in range(args.layers) if layer % stages == stage}
             send_lora_adapter(adapter, group, [0], sender=stage, version=step, layers=layers, config=config,
-                              bucket_bytes=args.bucket_mib << 20, device=device)
+                              bucket_bytes=args.bucket_mib << 20, device=device, shared_memory=shm or None)
         if args.backend == "nccl":
             torch.cuda.synchronize()
         timings.append(time.perf_counter() - start)
@@ -113,6 +116,8 @@ def _sync(rank: int, world: int, port: int, args: argparse.Namespace, result_pat
         missing = sorted(set(adapter) - set(received.tensors))
         report = {
             "backend": args.backend,
+            "transport": args.transport,
+            "received_tensors": received_tensors,
             "torch": torch.__version__,
             "cpu_threads": torch.get_num_threads(),
             "pieces_on": args.pieces_on,
@@ -146,6 +151,8 @@ def main() -> None:
     parser.add_argument("--bucket-mib", type=int, default=64)
     parser.add_argument("--pieces-on", choices=["cpu", "device"], default="cpu",
                         help="where the sender's adapter tensors live: the CPU, or the transport's device")
+    parser.add_argument("--transport", choices=["group", "shm"], default="group",
+                        help="payload bytes over the process group, or through shared memory (one host)")
     parser.add_argument("--out", default="sync_report.json")
     parser.add_argument("--profile", action="store_true", help="cProfile each rank into OUT.rankN.prof (+ .txt summary)")
     args = parser.parse_args()

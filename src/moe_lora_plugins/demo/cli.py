@@ -31,9 +31,9 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
                    help=f"completion tokens per prompt (default {d.task_length})")
     p.add_argument("--task", choices=("echo", "copy"), default="echo",
                    help="echo: repeat the prompt's last symbol (default); copy: repeat the whole sequence")
-    p.add_argument("--alphabet", type=int, default=16, help="distinct task symbols (default 16)")
-    p.add_argument("--lora-rank", type=int, default=4, help="LoRA rank (default 4)")
-    p.add_argument("--lora-alpha", type=float, default=8.0, help="LoRA alpha (default 8)")
+    p.add_argument("--alphabet", type=int, default=d.alphabet, help=f"distinct task symbols (default {d.alphabet})")
+    p.add_argument("--lora-rank", type=int, default=d.lora_rank, help=f"LoRA rank (default {d.lora_rank})")
+    p.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help=f"LoRA alpha (default {d.lora_alpha:g})")
     p.add_argument("--lr", type=float, default=d.learning_rate,
                    help=f"Adam learning rate on the LoRA parameters (default {d.learning_rate})")
     p.add_argument("--seed", type=int, default=0, help="seed of the model, prompts and sampling (default 0)")

@@ -23,8 +23,8 @@ FIRST_SYMBOL = 4
 class EchoTask:
     """``symbols`` random symbols from ``alphabet`` tokens; the completion repeats the last one ``length`` times."""
 
-    length: int = 2
-    alphabet: int = 16
+    length: int = 1
+    alphabet: int = 4
     symbols: int = 3
 
     @property

@@ -19,6 +19,7 @@ Several payloads (one per pipeline stage, say) decode together with :func:`decod
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -151,20 +152,22 @@ def encode(
         objects (hashes the bytes on the CPU; use it for adapters read back from disk).
     :param meta: free JSON-able data carried in the manifest (adapter config, version, ...).
     """
-    groups: dict[tuple, list[str]] = {}
-    first: dict[tuple, torch.Tensor] = {}
-    for name, tensor in named_tensors.items():
-        key = _identity_key(tensor) if dedupe == "identity" else _content_key(tensor)
-        if key in groups and dedupe == "content" and not torch.equal(first[key], tensor):
-            key = (*key, name)  # hash collision: keep it apart
-        groups.setdefault(key, []).append(name)
-        first.setdefault(key, tensor)
+    if dedupe == "identity":
+        groups, first = _identity_groups(named_tensors)
+    else:
+        groups, first = {}, {}
+        for name, tensor in named_tensors.items():
+            key = _content_key(tensor)
+            if key in groups and not torch.equal(first[key], tensor):
+                key = (*key, name)  # hash collision: keep it apart
+            groups.setdefault(key, []).append(name)
+            first.setdefault(key, tensor)
     entries = []
     tensors: dict[str, torch.Tensor] = {}
     for key, names in groups.items():
         tensor = first[key]
         wire_key = names[0]
-        patterns, experts = _compress_names(names)
+        patterns, experts = _compress_names_cached(tuple(names))
         entries.append(WireEntry(wire_key, tuple(tensor.shape), _dtype_name(tensor.dtype), patterns, experts))
         tensors[wire_key] = tensor.contiguous()
     return WirePayload(WireManifest(tuple(entries), meta=dict(meta or {})), tensors)
@@ -220,6 +223,45 @@ def _validate(payload: WirePayload) -> None:
     ]
     if wrong:
         raise WireFormatError("wire tensors differ from the manifest: " + "; ".join(wrong[:8]))
+
+
+@functools.lru_cache(maxsize=65536)
+def _compress_names_cached(names: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """:func:`_compress_names`, remembered: an adapter synced every step has the same name groups."""
+    return _compress_names(list(names))
+
+
+def _identity_groups(named_tensors: Mapping[str, torch.Tensor]) -> tuple[dict[tuple, list[str]], dict[tuple, torch.Tensor]]:
+    """Names grouped by :func:`_identity_key`, groups in order of first appearance, names in dict order.
+
+    Names are first grouped by tensor object (one dict lookup per name: a shared expert adapter is one
+    object under E names), and the storage key is computed once per object.
+    """
+    by_object: dict[int, list[str]] = {}
+    objects: dict[int, torch.Tensor] = {}
+    for name, tensor in named_tensors.items():
+        names = by_object.get(id(tensor))
+        if names is None:
+            by_object[id(tensor)] = [name]
+            objects[id(tensor)] = tensor
+        else:
+            names.append(name)
+    groups: dict[tuple, list[str]] = {}
+    first: dict[tuple, torch.Tensor] = {}
+    merged = False
+    for obj, names in by_object.items():
+        key = _identity_key(objects[obj])
+        if key in groups:
+            groups[key].extend(names)
+            merged = True
+        else:
+            groups[key] = names
+            first[key] = objects[obj]
+    if merged:  # distinct objects viewing the same data: names back in dict order
+        order = {name: i for i, name in enumerate(named_tensors)}
+        for names in groups.values():
+            names.sort(key=order.__getitem__)
+    return groups, first
 
 
 def _compress_names(names: list[str]) -> tuple[tuple[str, ...], tuple[int, ...]]:

@@ -136,8 +136,7 @@ class AdapterAssembler:
     def _stage(self, header: BucketHeader, entry: ManifestEntry, payload: Any) -> None:
         tensor = tensor_from_payload(payload, entry, f"sender {header.sender} bucket {header.seq}")
         if entry.shard is None:
-            for name in entry.names:
-                self._put(name, tensor, header)
+            self._put_all(entry.names, tensor, header)
             return
         shard = entry.shard
         shard_set = self._shards.setdefault(entry.name, _ShardSet(shard.count, shard.dim))
@@ -158,16 +157,19 @@ class AdapterAssembler:
             parts = [shard_set.parts[i] for i in range(shard_set.count)]
             del self._shards[entry.name]
             whole = torch.cat(parts, dim=shard_set.dim)
-            for name in entry.names:
-                self._put(name, whole, header)
+            self._put_all(entry.names, whole, header)
 
-    def _put(self, name: str, tensor: Any, header: BucketHeader) -> None:
-        if name in self._tensors:
+    def _put_all(self, names: list[str], tensor: Any, header: BucketHeader) -> None:
+        """File ``tensor`` under every name (one shared-expert piece: E names, one tensor)."""
+        filed = dict.fromkeys(names, tensor)
+        twice = self._tensors.keys() & filed.keys()
+        if twice or len(filed) != len(names):
+            name = min(twice) if twice else next(n for n in names if names.count(n) > 1)
             raise AdapterSyncError(
                 f"{name!r} arrived twice (second time from sender {header.sender}, bucket {header.seq}); every "
                 "tensor must be sent by exactly one sender"
             )
-        self._tensors[name] = tensor
+        self._tensors.update(filed)
 
     def buckets_from(self, sender: int) -> int:
         return self._senders[sender].buckets

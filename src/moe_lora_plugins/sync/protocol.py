@@ -10,6 +10,7 @@ equal tensor bytes.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -115,6 +116,12 @@ def expand_names(names: Sequence[str], experts: Sequence[int]) -> list[str]:
     return out
 
 
+@functools.lru_cache(maxsize=1 << 14)
+def _expanded(names: tuple[str, ...], experts: tuple[int, ...]) -> tuple[str, ...]:
+    """:func:`expand_names`, remembered: every sync of one adapter expands the same names."""
+    return tuple(expand_names(names, experts))
+
+
 @dataclass(frozen=True)
 class BucketHeader:
     version: int
@@ -169,7 +176,7 @@ class ManifestEntry:
 
     @property
     def names(self) -> list[str]:
-        return expand_names((self.name, *self.aliases), self.experts)
+        return list(_expanded((self.name, *self.aliases), self.experts))
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape),

@@ -14,6 +14,7 @@ layer). A plugin's transform is what the engine receives.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
@@ -60,7 +61,10 @@ def hooked_adapter_tensors(adapter: Any) -> dict[str, Any]:
     return tensors_from_export(export_stream(adapter, "adapter"))
 
 
+@functools.lru_cache(maxsize=1 << 18)
 def layer_of(name: str) -> int | None:
+    """The decoder layer number in ``name`` (``None`` outside layers); remembered, as the same names
+    come back every sync."""
     match = _LAYER.search(name)
     return int(match.group(1)) if match else None
 
@@ -92,11 +96,14 @@ def send_lora_adapter(
     device: Any = "cpu",
     compact: bool = True,
     dedupe: str | None = None,
+    shared_memory: Any = None,
 ) -> SendReport:
     """Send an exported adapter (``LoraAdapter``, ``{name: tensor}`` or export stream) from one trainer rank.
 
     ``config`` defaults to the ``LoraAdapter``'s PEFT config; with a dict or stream, pass it. ``dedupe``
     defaults to ``"identity"``, and to ``"content"`` for an export stream (whose shared tensors are copies).
+    ``shared_memory=True`` moves the bytes through shared memory to a receiver on this host (see
+    :func:`moe_lora_plugins.sync.transport.send_adapter`).
     """
     is_stream = not (hasattr(adapter, "tensors") or isinstance(adapter, Mapping))
     tensors = hooked_adapter_tensors(adapter)
@@ -104,4 +111,5 @@ def send_lora_adapter(
         config = adapter.peft_config()
     dedupe = dedupe or ("content" if is_stream else "identity")
     return send_adapter(sync_pieces(tensors, layers, compact, dedupe), group, receivers, sender=sender, version=version,
-                        bucket_bytes=bucket_bytes, config=dict(config) if config is not None else None, device=device)
+                        bucket_bytes=bucket_bytes, config=dict(config) if config is not None else None, device=device,
+                        shared_memory=shared_memory)

@@ -25,7 +25,7 @@ from moe_lora_plugins.sync.protocol import (
     Manifest,
     plan_buckets,
 )
-from moe_lora_plugins.sync.staging import bucket_layout, pack_payload
+from moe_lora_plugins.sync.staging import bucket_layout, fill_host_payload, pack_payload
 
 DEFAULT_BUCKET_BYTES = 64 << 20
 
@@ -82,6 +82,7 @@ def send_adapter(
     config: dict[str, Any] | None = None,
     device: Any = "cpu",
     wait_for_ack: bool = True,
+    shared_memory: Any = None,
 ) -> SendReport:
     """Send this sender's pieces in buckets of at most ``bucket_bytes``, then its end marker.
 
@@ -92,9 +93,15 @@ def send_adapter(
     filled on ``device`` with one queued copy per piece (see ``staging``); the pieces may change once
     this returns. A bucket exceeds ``bucket_bytes`` only by alignment padding (less than one element
     per piece, none for a single-dtype adapter) or when a single piece is larger.
+
+    ``shared_memory`` (a :class:`moe_lora_plugins.sync.shm.SharedPayloadWriter`, or ``True`` for this
+    process's) sends each bucket's bytes through a shared-memory segment instead of the group: for a
+    receiver on the same host, which then views the tensors in place; only headers, manifests and
+    acknowledgements cross the group. One receiver only.
     """
     import torch
 
+    writer = _writer(shared_memory, receivers)
     pieces = list(pieces)
     if bucket_bytes > MAX_PAYLOAD_BYTES:
         raise ValueError(f"bucket_bytes={bucket_bytes} exceeds the protocol's MAX_PAYLOAD_BYTES={MAX_PAYLOAD_BYTES}")
@@ -107,13 +114,23 @@ def send_adapter(
     buckets = plan_buckets((p.nbytes for p in pieces), bucket_bytes)
     total = 0
     for seq, indices in enumerate(buckets):
-        manifest, payload = pack_bucket([pieces[i] for i in indices], device)
-        header = BucketHeader(version, seq, sender, False, 0, int(payload.numel()))
+        bucket = [pieces[i] for i in indices]
+        if writer is None:
+            manifest, payload = pack_bucket(bucket, device)
+            nbytes = int(payload.numel())
+        else:
+            entries, nbytes = bucket_layout(bucket)
+            ref, segment_bytes = writer.acquire(nbytes)
+            fill_host_payload(bucket, entries, segment_bytes)
+            manifest, payload = Manifest(entries, {"shm": ref.to_json()}), None
+        header = BucketHeader(version, seq, sender, False, 0, nbytes)
         send_bucket(group, receivers, header, manifest, payload, device)
-        total += int(payload.numel())
+        total += nbytes
     summary: dict[str, Any] = {"buckets": len(buckets), "payload_bytes": total, "tensors": len(pieces)}
     if config is not None:
         summary["config"] = config
+    if writer is not None:
+        summary["shm_writer"] = writer.key
     send_bucket(group, receivers, BucketHeader(version, len(buckets), sender, True, 0, 0), Manifest([], summary),
                  None, device)
     if wait_for_ack:
@@ -125,14 +142,50 @@ def send_adapter(
                     f"receiver at group rank {src} acknowledged {int(ack.item())} bucket(s) of sender {sender}, "
                     f"{len(buckets)} were sent"
                 )
+            if writer is not None:
+                writer.released(_recv_released(group, src, device))
     if torch.device(device).type == "cuda":
         torch.cuda.current_stream(device).synchronize()  # pinned pieces are read by queued copies
     return SendReport(sender, len(buckets), total, len(pieces))
 
 
+def _writer(shared_memory: Any, receivers: Sequence[int]) -> Any:
+    if shared_memory is None or shared_memory is False:
+        return None
+    if len(receivers) != 1:
+        raise ValueError(
+            f"a shared-memory sync has one receiver, got {len(receivers)} ({list(receivers)}); send to several "
+            "receivers over the group (shared_memory=None)"
+        )
+    from moe_lora_plugins.sync.shm import default_writer
+
+    return default_writer() if shared_memory is True else shared_memory
+
+
+def _recv_released(group: Any, src: int, device: Any) -> list[int]:
+    import torch
+
+    count = torch.zeros(1, dtype=torch.int64, device=device)
+    _recv(group, count, src)
+    if int(count.item()) == 0:
+        return []
+    numbers = torch.zeros(int(count.item()), dtype=torch.int64, device=device)
+    _recv(group, numbers, src)
+    return [int(n) for n in numbers.tolist()]
+
+
+def _send_released(group: Any, dst: int, numbers: list[int], device: Any) -> None:
+    import torch
+
+    _send(group, torch.tensor([len(numbers)], dtype=torch.int64, device=device), dst)
+    if numbers:
+        _send(group, torch.tensor(numbers, dtype=torch.int64, device=device), dst)
+
+
 def send_bucket(group: Any, receivers: Sequence[int], header: BucketHeader, manifest: Manifest,
                 payload: Any, device: Any = "cpu") -> None:
-    """Send one bucket (header, manifest, payload) to every receiver; the header's manifest size is filled in."""
+    """Send one bucket (header, manifest, payload) to every receiver; the header's manifest size is filled in.
+    A ``None`` payload stays off the group (a shared-memory bucket: the manifest says where it lies)."""
     import torch
 
     raw = manifest.encode()
@@ -143,19 +196,24 @@ def send_bucket(group: Any, receivers: Sequence[int], header: BucketHeader, mani
     for dst in receivers:
         _send(group, header_tensor, dst)
         _send(group, manifest_tensor, dst)
-        if header.payload_nbytes:
+        if header.payload_nbytes and payload is not None:
             _send(group, payload, dst)
 
 
 def receive_adapter(group: Any, senders: Sequence[int], *, version: int | None = None,
-                    device: Any = "cpu") -> ReceivedAdapter:
+                    device: Any = "cpu", shared_memory: Any = None) -> ReceivedAdapter:
     """Receive one sync from the given sender ranks (in the order of their sender numbers) and assemble it.
 
     Tensors are staged on the CPU whatever ``device`` the transport uses. A transport failure before
-    every end marker arrived raises :class:`IncompleteSyncError`, naming what had arrived.
+    every end marker arrived raises :class:`IncompleteSyncError`, naming what had arrived. Buckets a
+    sender put in shared memory are viewed in place through ``shared_memory`` (a
+    :class:`moe_lora_plugins.sync.shm.SharedPayloadReader`; this process's when ``None``).
     """
     import torch
 
+    from moe_lora_plugins.sync.shm import SegmentRef, default_reader
+
+    reader = shared_memory or default_reader()
     assembler = AdapterAssembler(len(senders), version)
     for sender, src in enumerate(senders):
         ended = False
@@ -167,9 +225,14 @@ def receive_adapter(group: Any, senders: Sequence[int], *, version: int | None =
                 manifest_tensor = torch.empty(header.manifest_nbytes, dtype=torch.uint8, device=device)
                 _recv(group, manifest_tensor, src)
                 manifest = Manifest.decode(bytes(manifest_tensor.cpu().numpy().tobytes()))
-                payload = torch.empty(header.payload_nbytes, dtype=torch.uint8, device=device)
-                if header.payload_nbytes:
-                    _recv(group, payload, src)
+                shm = None if header.is_end else manifest.summary.get("shm")
+                if shm is not None:
+                    ref = SegmentRef.from_json(shm)
+                    payload = reader.open(ref, writer_key=ref.path.rsplit("-", 1)[0])
+                else:
+                    payload = torch.empty(header.payload_nbytes, dtype=torch.uint8, device=device)
+                    if header.payload_nbytes:
+                        _recv(group, payload, src)
             except AdapterSyncError:
                 raise
             except Exception as exc:  # the transport itself failed: a sender died or the group timed out
@@ -185,7 +248,10 @@ def receive_adapter(group: Any, senders: Sequence[int], *, version: int | None =
                 )
             assembler.add_bucket(header, manifest, payload)
             ended = header.is_end
+            writer_key = manifest.summary.get("shm_writer") if ended else None
         _send(group, torch.tensor([assembler.buckets_from(sender)], dtype=torch.int64, device=device), src)
+        if writer_key is not None:
+            _send_released(group, src, reader.take_released(writer_key), device)
     return assembler.finish()
 
 

@@ -197,13 +197,26 @@ def build_lora_model(
     if layout.pp > 1:
         provider.pipeline_dtype = dtype
     provider.finalize()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=layout.tp,
-        pipeline_model_parallel_size=layout.pp,
-        virtual_pipeline_model_parallel_size=layout.vpp,
-        expert_model_parallel_size=layout.ep,
-        expert_tensor_parallel_size=layout.expert_tp,
-    )
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=layout.tp,
+            pipeline_model_parallel_size=layout.pp,
+            virtual_pipeline_model_parallel_size=layout.vpp,
+            expert_model_parallel_size=layout.ep,
+            expert_tensor_parallel_size=layout.expert_tp,
+        )
+    else:  # a second model in this process (benchmarks build several): same layout only
+        sizes = (
+            parallel_state.get_tensor_model_parallel_world_size(),
+            parallel_state.get_pipeline_model_parallel_world_size(),
+            parallel_state.get_expert_model_parallel_world_size(),
+            parallel_state.get_expert_tensor_parallel_world_size(),
+        )
+        if sizes != (layout.tp, layout.pp, layout.ep, layout.expert_tp):
+            raise ValueError(
+                f"model parallel state is initialised as (tp, pp, ep, etp) = {sizes}, not {layout}; "
+                "call parallel_state.destroy_model_parallel() first"
+            )
     torch.manual_seed(seed)
     if device != "cpu":
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
