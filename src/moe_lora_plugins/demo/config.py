@@ -30,19 +30,19 @@ class DemoConfigError(MoeLoraError, ValueError):
 class DemoConfig:
     """Everything ``moe-lora-plugins demo`` can be told (see ``moe-lora-plugins demo --help``)."""
 
-    steps: int = 20
+    steps: int = 25
     ep: int = 2
     pp: int = 2
     vpp: int | None = None
     trainer_procs: int | None = None
-    samples: int = 32
-    group_size: int = 4
+    samples: int = 64
+    group_size: int = 8
     task: str = "echo"
     task_length: int = 1
     alphabet: int = 4
     lora_rank: int = 8
     lora_alpha: float = 16.0
-    learning_rate: float = 0.01
+    learning_rate: float = 0.005
     seed: int = 0
     workdir: str | None = None
     true_on_policy: bool = True
