@@ -148,3 +148,26 @@ def test_doctor_shows_whether_the_mode_is_on_and_satisfied_here(monkeypatch):
     assert "true-on-policy mode: on (role trainer; NOT satisfied, missing [" in doctor.render_text(report)
     monkeypatch.setenv("MOELORA_TRUE_ON_POLICY", "off")
     assert "true-on-policy mode: off" in doctor.render_text(doctor.collect(import_targets=False))
+
+
+def test_the_slime_miles_init_path_turns_the_mode_on_from_the_host_flag():
+    """miles' --true-on-policy-mode (or ours) reaches MOELORA_TRUE_ON_POLICY through init(args), in a fresh process."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import argparse, os\n"
+        "from moe_lora_plugins.integrations.megatron_init import init, lora_config_from_host_args\n"
+        "miles = argparse.Namespace(lora_rank=8, lora_alpha=16, true_on_policy_mode=True)\n"
+        "assert lora_config_from_host_args(miles).true_on_policy is True\n"
+        "init(miles)\n"
+        "print(os.environ.get('MOELORA_TRUE_ON_POLICY'))\n"
+    )
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MOELORA_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "on"

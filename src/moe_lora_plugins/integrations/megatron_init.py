@@ -48,6 +48,8 @@ def lora_config_from_host_args(args: Any) -> LoraConfig:
         dropout=config.dropout,
         expert_adapters=expert_adapters,
         sync_mode=config.sync_mode,
+        # Ours (--true-on-policy) or miles' name for its true-on-policy switch.
+        true_on_policy=config.true_on_policy or bool(getattr(args, "true_on_policy_mode", False)),
     )
 
 
@@ -64,11 +66,12 @@ def init(args: Any = None) -> None:
     if args is None:
         return
     from moe_lora_plugins.hooks.build import BuildConfig, set_build_config
-    from moe_lora_plugins.lora_config import validate_lora_config
+    from moe_lora_plugins.lora_config import apply_true_on_policy, validate_lora_config
     from moe_lora_plugins.trainer.moe_runtime import MoeRuntimeConfig
 
     lora = lora_config_from_host_args(args)
     validate_lora_config(lora)
+    apply_true_on_policy(lora)  # before any model is built: the patched ops read the switch at call time
     set_build_config(BuildConfig(args=args, lora=lora, moe=MoeRuntimeConfig.from_mapping(args),
                                  seed=getattr(args, "seed", None)))
     if _megatron_bridge_importable():
