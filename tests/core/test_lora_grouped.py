@@ -115,9 +115,9 @@ def test_any_split_of_tokens_gives_the_loop_result(counts, rank, seed):
     x, a, b, gy = _case(counts, 24, 40, rank, torch.float32, seed=seed)
     want = _run(_reference(counts, 0.25), x, a, b, gy)
     got = _run(_grouped("auto", counts, 0.25), x, a, b, gy)
-    bitwise = resolve_backend("auto", x, torch.stack(a), torch.stack(b)) == "grouped_mm"
+    assert resolve_backend("auto", x, torch.stack(a), torch.stack(b)) in ("grouped_mm", "loop")
     for g, w in zip(got, want, strict=True):
-        assert torch.equal(g, w) if bitwise else torch.allclose(g, w, rtol=1e-5, atol=1e-5)
+        assert torch.equal(g, w)  # on the CPU, auto is bitwise the loop whichever backend it picks
 
 
 def test_auto_uses_grouped_mm_on_the_cpu_when_torch_has_it():
@@ -128,9 +128,9 @@ def test_auto_uses_grouped_mm_on_the_cpu_when_torch_has_it():
     assert grouped_mm_supported(x, a, b) is hasattr(torch, "_grouped_mm")
 
 
-def test_rows_that_are_not_16_byte_multiples_go_to_the_padded_fallback():
+def test_rows_that_are_not_16_byte_multiples_run_per_expert_on_the_cpu():
     x = torch.zeros(4, 8)
-    assert resolve_backend("auto", x, torch.zeros(2, 2, 8), torch.zeros(2, 8, 2)) == "padded"
+    assert resolve_backend("auto", x, torch.zeros(2, 2, 8), torch.zeros(2, 8, 2)) == "loop"
 
 
 def test_mixed_dtypes_are_not_sent_to_grouped_mm():

@@ -22,7 +22,8 @@ Backends (``backend=``):
   ``bmm`` may sum in another order than ``mm``);
 - ``"loop"``: one matmul pair per expert, upstream's order of work (the reference);
 - ``"auto"``: ``grouped_mm`` where :func:`grouped_mm_supported` says torch runs it for this device,
-  dtype and shape, else ``padded``.
+  dtype and shape; else ``padded`` on a GPU (one kernel per factor) and ``loop`` on the CPU (bitwise
+  upstream's there, where launches cost nothing).
 """
 
 from __future__ import annotations
@@ -151,7 +152,9 @@ def resolve_backend(backend: GroupedBackend, x: torch.Tensor, lora_a: torch.Tens
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
         return backend
-    return "grouped_mm" if grouped_mm_supported(x, lora_a, lora_b) else "padded"
+    if grouped_mm_supported(x, lora_a, lora_b):
+        return "grouped_mm"
+    return "loop" if x.device.type == "cpu" else "padded"
 
 
 def grouped_lora_delta(
