@@ -296,3 +296,14 @@ def test_controller_state_round_trips_through_json_and_continues_identically():
         twin.finish_step(p1, present_adapters(p1.groups))
         restored.finish_step(p2, present_adapters(p2.groups))
     assert twin.state_dict() == restored.state_dict()
+
+
+def test_a_trainer_only_controller_is_ready_on_the_trainers_confirmation_alone():
+    c = MultiLoraController(1, require_engine=False)
+    c.register(spec("a"))
+    c.begin_loading("a")
+    assert not c.is_ready("a")
+    c.confirm_trainer("a")
+    assert c.is_ready("a")
+    with pytest.raises(MultiLoraError, match="require_engine"):
+        MultiLoraController(1).load_state_dict(c.state_dict())

@@ -159,7 +159,7 @@ class PromptCycle:
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "position": self.position, "order": list(self._order),
-                "rng": _rng_state_to_json(self._rng.getstate()), "size": len(self._prompts)}
+                "rng": rng_state_to_json(self._rng.getstate()), "size": len(self._prompts)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if int(state["size"]) != len(self._prompts):
@@ -168,15 +168,16 @@ class PromptCycle:
             )
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self._order = [int(i) for i in state["order"]]
-        self._rng.setstate(_rng_state_from_json(state["rng"]))
+        self._rng.setstate(rng_state_from_json(state["rng"]))
 
 
-def _rng_state_to_json(state: tuple[Any, ...]) -> list[Any]:
+def rng_state_to_json(state: tuple[Any, ...]) -> list[Any]:
+    """A ``random.Random`` state as JSON-able lists."""
     version, internal, gauss = state
     return [version, list(internal), gauss]
 
 
-def _rng_state_from_json(state: Sequence[Any]) -> tuple[Any, ...]:
+def rng_state_from_json(state: Sequence[Any]) -> tuple[Any, ...]:
     version, internal, gauss = state
     return (int(version), tuple(int(x) for x in internal), gauss)
 
@@ -249,15 +250,18 @@ class MultiLoraController:
 
     ``num_slots`` is how many adapters may be resident at once (the trainer and the engine size their
     tables by it). A freed slot goes to the next registration (lowest free slot first).
+    ``require_engine=False`` is for trainer-only runs (no rollout engine): readiness then needs the
+    trainer's confirmation alone.
     """
 
-    def __init__(self, num_slots: int, interleave: str = "round-robin") -> None:
+    def __init__(self, num_slots: int, interleave: str = "round-robin", require_engine: bool = True) -> None:
         if not isinstance(num_slots, int) or num_slots < 1:
             raise MultiLoraError(f"num_slots {num_slots!r} must be an integer >= 1")
         if interleave not in INTERLEAVE_POLICIES:
             raise MultiLoraError(f"interleave {interleave!r}: use one of {list(INTERLEAVE_POLICIES)}")
         self.num_slots = num_slots
         self.interleave = interleave
+        self.require_engine = require_engine
         self.step = 0
         self._records: dict[str, AdapterRecord] = {}
         self._removed: list[AdapterRecord] = []
@@ -354,7 +358,7 @@ class MultiLoraController:
         return record
 
     def _promote(self, record: AdapterRecord) -> None:
-        if record.trainer_loaded and record.engine_version is not None:
+        if record.trainer_loaded and (record.engine_version is not None or not self.require_engine):
             self._move(record, AdapterState.RUNNING)
 
     def is_ready(self, name: str) -> bool:
@@ -367,7 +371,8 @@ class MultiLoraController:
         record = self.get(name)
         if not record.ready:
             waits = [w for w, done in (("the trainer's load (confirm_trainer)", record.trainer_loaded),
-                                       ("the engine's first sync (confirm_engine)", record.engine_version is not None))
+                                       ("the engine's first sync (confirm_engine)",
+                                        record.engine_version is not None or not self.require_engine))
                      if not done]
             raise LifecycleError(
                 f"adapter {name!r} is {record.state.value}, not running"
@@ -480,7 +485,8 @@ class MultiLoraController:
     def state_dict(self) -> dict[str, Any]:
         """Everything but the callables: specs, slots, states, metrics, data positions, interleave cursors."""
         return {
-            "num_slots": self.num_slots, "interleave": self.interleave, "step": self.step,
+            "num_slots": self.num_slots, "interleave": self.interleave, "require_engine": self.require_engine,
+            "step": self.step,
             "cursor": self._cursor, "credit": dict(self._credit), "next_engine_id": self._next_engine_id,
             "adapters": [{"spec": r.spec.to_dict(), "slot": r.slot, "state": r.state.value, "engine_id": r.engine_id,
                           "trainer_loaded": r.trainer_loaded, "engine_version": r.engine_version,
@@ -495,10 +501,11 @@ class MultiLoraController:
         if self._records:
             raise MultiLoraError("load_state_dict needs an empty controller (this one holds "
                                  f"{sorted(self._records)})")
-        if int(state["num_slots"]) != self.num_slots or state["interleave"] != self.interleave:
+        mine = (self.num_slots, self.interleave, self.require_engine)
+        theirs = (int(state["num_slots"]), state["interleave"], bool(state["require_engine"]))
+        if mine != theirs:
             raise MultiLoraError(
-                f"state is for {state['num_slots']} slots / {state['interleave']}; this controller has "
-                f"{self.num_slots} / {self.interleave}"
+                f"state is for (slots, interleave, require_engine) = {theirs}; this controller has {mine}"
             )
         data, reward_fns = dict(data or {}), dict(reward_fns or {})
         self.step, self._cursor = int(state["step"]), int(state["cursor"])

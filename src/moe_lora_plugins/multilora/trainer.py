@@ -430,7 +430,10 @@ def _rank_loop(rank: int, world: int, port: int, settings: MultiTrainerSettings,
             command, args = commands.get()
             if command == "stop":
                 break
-            results.put((rank, command, getattr(trainer, command)(*args)))
+            try:  # a refused command (bad slot, missing checkpoint) is reported; the rank keeps serving
+                results.put((rank, command, getattr(trainer, command)(*args)))
+            except Exception:
+                results.put((rank, "error", traceback.format_exc()))
     except BaseException:
         results.put((rank, "error", traceback.format_exc()))
     finally:
@@ -466,28 +469,46 @@ class MultiLoraTrainerPool:
         self.info = self._collect("ready")
 
     def call(self, command: str, *args: Any) -> list[Any]:
-        for q in self._commands:
-            q.put((command, args))
+        self.send(command, *args)
         return self._collect(command)
 
-    def _collect(self, command: str) -> list[Any]:
+    def send(self, command: str, *args: Any) -> None:
+        """Start ``command`` on every rank without waiting (for a sync the engine receives meanwhile)."""
+        for q in self._commands:
+            q.put((command, args))
+
+    def collect(self, command: str) -> list[Any]:
+        """Every rank's answer to a command started with :meth:`send`."""
+        return self._collect(command)
+
+    def _collect(self, command: str, grace_s: float = 30.0) -> list[Any]:
+        """Every rank's answer to ``command``. When a rank fails, the others' answers are still read (up to
+        ``grace_s`` more), so none is left behind to be taken for the answer to a later command."""
         out: dict[int, Any] = {}
+        errors: dict[int, str] = {}
         deadline = time.monotonic() + self.timeout_s
-        while len(out) < len(self.procs):
+        while len(out) + len(errors) < len(self.procs):
             try:
                 rank, kind, payload = self._results.get(timeout=1.0)
             except queue.Empty:
-                dead = [r for r, p in enumerate(self.procs) if not p.is_alive() and r not in out]
+                dead = [r for r, p in enumerate(self.procs) if not p.is_alive() and r not in out and r not in errors]
                 if dead:
                     raise MultiLoraTrainerError(f"trainer rank(s) {dead} exited (codes "
                                                 f"{[self.procs[r].exitcode for r in dead]}) during '{command}'") from None
                 if time.monotonic() > deadline:
+                    if errors:
+                        break
                     raise MultiLoraTrainerError(f"'{command}' did not finish within {self.timeout_s:.0f} s") from None
                 continue
             if kind == "error":
-                last = payload.strip().splitlines()[-1] if payload.strip() else "no traceback"
-                raise MultiLoraTrainerError(f"trainer rank {rank} failed during '{command}': {last}\n\n{payload}")
-            out[rank] = payload
+                errors[rank] = payload
+                deadline = min(deadline, time.monotonic() + grace_s)
+            else:
+                out[rank] = payload
+        if errors:
+            rank = min(errors)
+            last = errors[rank].strip().splitlines()[-1] if errors[rank].strip() else "no traceback"
+            raise MultiLoraTrainerError(f"trainer rank {rank} failed during '{command}': {last}\n\n{errors[rank]}")
         return [out[r] for r in range(len(self.procs))]
 
     def stop(self) -> None:
