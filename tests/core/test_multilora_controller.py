@@ -75,17 +75,24 @@ def test_the_lifecycle_graph_is_pending_loading_running_draining_removed():
             assert allowed_transition(a, b) == expected, (a, b)
 
 
+def confirm(c: MultiLoraController, side: str) -> None:
+    if side == "trainer":
+        c.confirm_trainer("a")
+    else:
+        c.confirm_engine("a", 0)
+
+
 def test_readiness_needs_both_explicit_confirmations_in_either_order():
     for first, second in (("trainer", "engine"), ("engine", "trainer")):
         c = MultiLoraController(2)
         c.register(spec("a"))
         assert not c.is_ready("a")
         c.begin_loading("a")
-        {"trainer": lambda: c.confirm_trainer("a"), "engine": lambda: c.confirm_engine("a", 0)}[first]()
+        confirm(c, first)
         assert c.get("a").state is AdapterState.LOADING and not c.is_ready("a")
         with pytest.raises(LifecycleError, match="waits for"):
             c.require_ready("a")
-        {"trainer": lambda: c.confirm_trainer("a"), "engine": lambda: c.confirm_engine("a", 0)}[second]()
+        confirm(c, second)
         assert c.get("a").state is AdapterState.RUNNING and c.is_ready("a")
 
 

@@ -198,7 +198,7 @@ class MultiDemo:
         probes = CopyTask(length=c.task_length).prompts(2, seed=10_000 + c.seed)
         for i in range(c.adapters):
             task = TASKS[c.tasks[i]](length=c.task_length)
-            name = f"{c.tasks[i]}-r{c.ranks[i]}"
+            name = f"{c.tasks[i]}-r{c.ranks[i]}" + (f"-{i}" if c.adapters > 2 else "")
             spec = AdapterSpec(name, rank=c.ranks[i], alpha=2.0 * c.ranks[i], learning_rate=c.learning_rate,
                                seed=c.seed + 1 + i)
             self.tasks[name] = task
@@ -317,6 +317,19 @@ def run_from_args(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, separators=(",", ":")), flush=True)
     return 0 if summary["ok"] else 1
+
+
+def run_from_args_with_defaults(args: argparse.Namespace) -> int:
+    """``moe-lora-plugins demo --adapters N``: the single-adapter demo's flags where they apply (steps, layout,
+    group size, task length, learning rate, seed, workdir, json); ranks and tasks cycle through 4, 8 and
+    copy, reverse."""
+    n = args.adapters
+    ours = argparse.Namespace(
+        adapters=n, steps=args.steps, ep=args.ep, pp=args.pp, ranks=tuple((4, 8)[i % 2] for i in range(n)),
+        tasks=tuple(("copy", "reverse")[i % 2] for i in range(n)), group_size=args.group_size,
+        groups_per_adapter=MultiDemoConfig.groups_per_adapter, task_length=args.task_length, lr=args.lr,
+        seed=args.seed, workdir=args.workdir, json=args.json)
+    return run_from_args(ours)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

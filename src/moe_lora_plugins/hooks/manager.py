@@ -24,6 +24,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 # registered as it is.
 BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (
     ("lora_actor", "moe_lora_plugins.plugins.lora_actor"),
+    ("multi_lora", "moe_lora_plugins.plugins.multi_lora"),
 )
 
 logger = logging.getLogger("moe_lora_plugins.hooks")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 import zlib
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,6 +35,14 @@ _SLOT_IN_NAME = re.compile(r"\.adapters\.(\d+)\.")
 
 class MultiLoraSetupError(MoeLoraError, ValueError):
     """The model or layout cannot carry multi-LoRA as asked; the message names what and the fix."""
+
+
+@dataclass(frozen=True)
+class MultiLoraSetup:
+    """The LoRA config that asks the ``multi_lora`` plugin's ``on_build_model`` to wrap these targets (adapters
+    are added per slot afterwards with :func:`add_adapter`)."""
+
+    targets: tuple[str, ...] = KNOWN_TARGETS
 
 
 class AdapterFactors(nn.Module):
@@ -118,8 +127,12 @@ def _linear_features(module: nn.Module, name: str) -> tuple[int, int]:
 
 
 def _check_layout() -> None:
-    from megatron.core import parallel_state as ps
-
+    try:
+        from megatron.core import parallel_state as ps
+    except ImportError:  # no Megatron here, so no Megatron parallel layout to check
+        return
+    if not ps.model_parallel_is_initialized():
+        return
     tp, etp = ps.get_tensor_model_parallel_world_size(), ps.get_expert_tensor_parallel_world_size()
     if tp != 1 or etp != 1:
         raise MultiLoraSetupError(

@@ -147,7 +147,8 @@ class MultiLoraTrainerRank:
         from megatron.core import parallel_state
 
         from moe_lora_plugins.demo import cpu_training
-        from moe_lora_plugins.multilora.megatron import apply_multi_lora
+        from moe_lora_plugins.multilora.megatron import MultiLoraSetup
+        from moe_lora_plugins.plugins.lora_actor import install_pre_wrap_hook
 
         cpu_training.install()
         self.bridge = AutoBridge.from_hf_pretrained(s.model_dir, torch_dtype=torch.float32)
@@ -176,7 +177,8 @@ class MultiLoraTrainerRank:
         provider.finalize()
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=s.pp,
                                                  expert_model_parallel_size=s.ep, expert_tensor_parallel_size=1)
-        provider.register_pre_wrap_hook(lambda chunks: (apply_multi_lora(chunks), chunks)[1])
+        # Through the plugin layer: the multi_lora plugin's on_build_model wraps the targets before wrapping.
+        install_pre_wrap_hook(provider, role="actor", config=MultiLoraSetup())
         self.model = list(provider.provide_distributed_model(wrap_with_ddp=False, use_cpu_initialization=True,
                                                              mixed_precision_wrapper=None))
         self.config = provider
