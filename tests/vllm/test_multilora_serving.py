@@ -84,17 +84,23 @@ def test_two_adapters_synced_under_their_own_ids_are_served_concurrently_like_vl
     base = mixed(engine, [None])[0]
     assert served[0] != base and served[1] != base
 
-    # A new version of one adapter: the other one's rows do not move.
+    # A new version of one adapter: the other one's log-probs do not move, and each equals its PEFT directory.
+    # Compared one adapter per generate call: in a mixed batch on the CPU the rows of the other adapter moved by
+    # ~1e-6 after the swap (a float32 summation-order effect of the batch's LoRA grouping; alone they are
+    # bitwise unchanged, which is what this asserts).
+    alone_before = {name: mixed(engine, [tag.lora_request()]) for name, tag in tags.items()}
     sync(engine, tmp_path, "math", tags["math"].lora_int_id, 21, 2)
     controller.confirm_engine("math", 2)
-    again = mixed(engine, [tags["math"].lora_request(), tags["copy"].lora_request()])
+    alone_after = {name: mixed(engine, [tag.lora_request()]) for name, tag in tags.items()}
+    assert alone_after["copy"] == alone_before["copy"]
+    assert alone_after["math"] != alone_before["math"]
     for disk_id in DISK_IDS.values():
         engine.collective_rpc("remove_lora", args=(disk_id,))
-    disk = mixed(engine, from_disk(engine, tmp_path, [("math", 21), ("copy", 12)]))
+    for name, disk_request in zip(("math", "copy"), from_disk(engine, tmp_path, [("math", 21), ("copy", 12)]),
+                                  strict=True):
+        assert alone_after[name] == mixed(engine, [disk_request]), name
     for disk_id in DISK_IDS.values():
         engine.collective_rpc("remove_lora", args=(disk_id,))
-    assert again == disk
-    assert again[1] == served[1] and again[0] != served[0]
 
     # Deregister one: its slot goes to the next adapter, which gets a new engine id.
     for tag in tags.values():
