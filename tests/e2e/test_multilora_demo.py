@@ -18,7 +18,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
-STEPS = 6
+STEPS = 8
 
 
 @pytest.fixture(scope="module")

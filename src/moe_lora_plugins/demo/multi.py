@@ -13,12 +13,13 @@ the engine must equal vLLM's own loading of that adapter's PEFT directory (bitwi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,26 @@ class MultiEngine:
                                  use_tqdm=False)
 
 
+@contextlib.contextmanager
+def _output_to(path: Path) -> Iterator[None]:
+    """This process's stdout / stderr file descriptors (C++ and library output too) into ``path`` meanwhile."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, log):
+            os.close(fd)
+
+
 def _logprob_rows(outputs: list[Any]) -> list[list[float]]:
     return [[step[t].logprob for step, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids, strict=True)]
             for o in outputs]
@@ -172,7 +193,8 @@ class MultiDemo:
 
         c = self.config
         start = time.perf_counter()
-        model_dir = make_tiny_moe(self.workdir / "model", seed=c.seed)
+        with _output_to(self.logs / "model.log"):
+            model_dir = make_tiny_moe(self.workdir / "model", seed=c.seed)
         self.say(f"multi-LoRA demo: {c.adapters} adapters on one tiny Qwen3-MoE, trainer EP={c.ep} x PP={c.pp}, "
                  f"{c.steps} steps")
         self.pool = MultiLoraTrainerPool(MultiTrainerSettings(str(model_dir), ep=c.ep, pp=c.pp, micro_batch_size=1),
@@ -180,7 +202,8 @@ class MultiDemo:
         from moe_lora_plugins.activation import activate
 
         activate(role="vllm")
-        self.engine = MultiEngine(str(model_dir), c.adapters, c.seed)
+        with _output_to(self.logs / "engine.log"):
+            self.engine = MultiEngine(str(model_dir), c.adapters, c.seed)
         self.say(f"  trainer and engine up in {time.perf_counter() - start:.1f} s")
         from moe_lora_plugins.testing.distributed import free_port
 
