@@ -11,6 +11,8 @@ reduction tolerance (rtol 1e-6) the issue allows.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from multilora_support import SPEC_A, SPEC_B, SPEC_C, SPEC_D, prompts_for, reward, sample_rollout
@@ -110,6 +112,48 @@ def test_loading_a_checkpoint_into_a_slot_that_holds_no_adapter_is_refused(pool,
     # miles #1141 review: the slot was initialised after the load, which loaded 0 tensors without a word.
     with pytest.raises(MultiLoraTrainerError, match="slot 4 holds no adapter on this trainer"):
         pool.call("load_checkpoint", str(tmp_path), 4)
+
+
+PEFT_TOLERANCE = 1e-5  # float32 Megatron vs HF transformers + peft, as in test_peft_logits
+
+
+def test_each_trained_adapter_as_a_peft_dir_gives_hf_and_peft_the_trainers_logprobs(pool, model_dir, tmp_path):
+    """The independent reference: every sample's completion log-probs from the multi-LoRA trainer (mixed batch,
+    each sample through its own adapter) equal HF transformers + peft with that adapter's exported PEFT dir."""
+    from moe_lora_plugins.sync.disk import write_peft_dir
+    from moe_lora_plugins.testing.peft_reference import load_hf_with_peft
+
+    pool.call("add_adapter", 0, SPEC_A)
+    pool.call("add_adapter", 1, SPEC_B)
+    try:
+        slots = [0, 1, 1, 0, 1, 0, 0, 1]
+        for step in range(2):  # LoRA B non-zero
+            pool.call("step", random_batch(20 + step, slots))
+        batch = random_batch(30, slots)
+        trainer = {}
+        for result in pool.call("step", batch, False):
+            for row, index in enumerate(result.sample_indices):
+                trainer[index] = result.logprobs[row]
+        assert sorted(trainer) == list(range(len(slots)))
+        dirs = {}
+        for slot in (0, 1):
+            exported = pool.call("export_adapter", slot)[0]
+            dirs[slot] = write_peft_dir(str(tmp_path / f"slot{slot}"), exported["tensors"], exported["config"])
+    finally:
+        pool.call("remove_adapter", 0)
+        pool.call("remove_adapter", 1)
+    worst = 0.0
+    for slot, path in dirs.items():
+        _, peft_model = load_hf_with_peft(Path(model_dir), Path(path))
+        for index in (i for i, s in enumerate(slots) if s == slot):
+            tokens = batch.tokens[index : index + 1]
+            with torch.no_grad():
+                logits = peft_model(input_ids=tokens).logits.float()
+            reference = torch.log_softmax(logits[:, batch.prompt_len - 1 : -1], dim=-1)
+            reference = reference.gather(-1, tokens[:, batch.prompt_len :, None]).squeeze(-1)[0]
+            worst = max(worst, float((reference - trainer[index]).abs().max()))
+    print(f"multi-LoRA trainer vs HF + peft per adapter: max |dlogprob| = {worst:.2e}")
+    assert worst < PEFT_TOLERANCE
 
 
 def run(pool, changes, steps=4):
