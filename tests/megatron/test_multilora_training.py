@@ -119,9 +119,10 @@ PEFT_TOLERANCE = 1e-5  # float32 Megatron vs HF transformers + peft, as in test_
 
 def test_each_trained_adapter_as_a_peft_dir_gives_hf_and_peft_the_trainers_logprobs(pool, model_dir, tmp_path):
     """The independent reference: every sample's completion log-probs from the multi-LoRA trainer (mixed batch,
-    each sample through its own adapter) equal HF transformers + peft with that adapter's exported PEFT dir."""
+    each sample through its own adapter) equal HF transformers + peft with that adapter's exported PEFT dir
+    (peft drops LoRA on the dense MLP of a qwen3_moe model on load; the reference loader adds it back)."""
     from moe_lora_plugins.sync.disk import write_peft_dir
-    from moe_lora_plugins.testing.peft_reference import load_hf_with_peft
+    from moe_lora_plugins.testing.peft_reference import load_hf_with_peft_and_dense_mlp_lora
 
     pool.call("add_adapter", 0, SPEC_A)
     pool.call("add_adapter", 1, SPEC_B)
@@ -144,7 +145,7 @@ def test_each_trained_adapter_as_a_peft_dir_gives_hf_and_peft_the_trainers_logpr
         pool.call("remove_adapter", 1)
     worst = 0.0
     for slot, path in dirs.items():
-        _, peft_model = load_hf_with_peft(Path(model_dir), Path(path))
+        _, peft_model = load_hf_with_peft_and_dense_mlp_lora(Path(model_dir), Path(path))
         for index in (i for i, s in enumerate(slots) if s == slot):
             tokens = batch.tokens[index : index + 1]
             with torch.no_grad():
