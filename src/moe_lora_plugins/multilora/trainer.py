@@ -48,6 +48,7 @@ class MultiTrainerSettings:
     model_dir: str
     ep: int = 1
     pp: int = 1
+    vpp: int | None = None
     micro_batch_size: int = 1
     family: str = "qwen3_moe"
 
@@ -168,14 +169,22 @@ class MultiLoraTrainerRank:
                 setattr(provider, name, False)
         provider.tensor_model_parallel_size = 1
         provider.pipeline_model_parallel_size = s.pp
+        provider.virtual_pipeline_model_parallel_size = s.vpp
         provider.expert_model_parallel_size = s.ep
         provider.expert_tensor_parallel_size = 1
         provider.sequence_parallel = False
         # Each microbatch's loss is already normalised by its adapter's token count: no division by the
         # number of microbatches (which differs between a mixed step and an adapter's steps alone).
         provider.calculate_per_token_loss = True
+        # With virtual stages and PP = 2 the previous and next stage are one rank, and the interleaved schedule's
+        # batched p2p (batch_isend_irecv) then has an activation and a gradient in flight to that rank at once;
+        # on gloo they were matched wrongly (an adapter's parameters after a 4-microbatch step differed from the
+        # non-interleaved run). Unbatched p2p gives the non-interleaved result bitwise.
+        if s.vpp and not torch.cuda.is_available():
+            provider.batch_p2p_comm = False
         provider.finalize()
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=s.pp,
+                                                 virtual_pipeline_model_parallel_size=s.vpp,
                                                  expert_model_parallel_size=s.ep, expert_tensor_parallel_size=1)
         # Through the plugin layer: the multi_lora plugin's on_build_model wraps the targets before wrapping.
         install_pre_wrap_hook(provider, role="actor", config=MultiLoraSetup())
@@ -256,8 +265,16 @@ class MultiLoraTrainerRank:
         if update:
             for slot in present:
                 self.optimizers[slot].zero_grad(set_to_none=True)
+        chunks = len(self.model)
+        if chunks > 1 and len(micros) % self.settings.pp:
+            raise MultiLoraTrainerError(
+                f"{len(micros)} microbatches on this rank; the interleaved (VPP) schedule needs a multiple of "
+                f"PP = {self.settings.pp} (give the adapters more samples per step)"
+            )
         get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter(micros), model=self.model[0],
+            forward_step_func=forward_step,
+            data_iterator=[iter(micros) for _ in range(chunks)] if chunks > 1 else iter(micros),
+            model=self.model if chunks > 1 else self.model[0],
             num_microbatches=len(micros), seq_length=batch.tokens.shape[1],
             micro_batch_size=self.settings.micro_batch_size, forward_only=not update)
         result = MultiStepResult(rank=_rank())
