@@ -164,3 +164,13 @@ def test_experts_take_one_adapter_per_forward_and_an_unrouted_forward_is_refused
         chunk.expert(tokens)
     with pytest.raises(RoutingError, match="adapter_routing"):
         chunk.expert(tokens)
+
+
+def test_grouped_gemm_experts_are_refused_not_left_without_adapters():
+    chunk = Chunk()
+    grouped = nn.Module()  # GroupedMLP-like: every local expert in weight1 / weight2, no linear_fc1 modules
+    grouped.weight1 = nn.Parameter(torch.zeros(2, H, 2 * H))
+    chunk.decoder.layers[0].mlp.experts = grouped
+    with pytest.raises(MultiLoraSetupError, match="grouped-GEMM experts .*moe_grouped_gemm=False"):
+        new_plugin_manager(autoload=False).hook.on_build_model(model_chunks=[chunk], provider=None, role="actor",
+                                                               config=MultiLoraSetup())

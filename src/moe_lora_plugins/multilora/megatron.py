@@ -150,6 +150,13 @@ def apply_multi_lora(model_chunks: list[nn.Module], targets: Iterable[str] = KNO
     targets = tuple(targets)
     wrappers: list[MultiLoraLinear] = []
     for chunk in model_chunks:
+        grouped = [name for name, module in chunk.named_modules()
+                   if name.rsplit(".", 1)[-1] == "experts" and not hasattr(module, "local_experts")]
+        if grouped:
+            raise MultiLoraSetupError(
+                f"{grouped[0]}: grouped-GEMM experts ({type(chunk.get_submodule(grouped[0])).__name__}) hold every "
+                "local expert in one module; multi-LoRA needs SequentialMLP experts (moe_grouped_gemm=False)"
+            )
         for param in chunk.parameters():
             param.requires_grad_(False)
         found = [(name, module) for name, module in chunk.named_modules()
