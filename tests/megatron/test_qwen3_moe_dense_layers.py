@@ -223,32 +223,16 @@ def _megatron_logits_and_peft_dirs(out: str) -> dict:
 
 
 def _hf_peft_logits(base_dir: Path, adapter_dir: Path, tokens, dense_mlp_lora: bool = True):
-    """Logits of HF transformers + peft with the adapter.
-
-    peft 0.21 on transformers v5 re-targets every ``gate_proj`` / ``up_proj`` / ``down_proj`` of a
-    ``qwen3_moe`` model to the fused expert parameters, so ``PeftModel`` drops the dense layers' MLP
-    LoRA. With ``dense_mlp_lora`` peft's own ``inject_adapter_in_model`` adds it on each dense MLP.
-    """
+    """Logits of HF transformers + peft with the adapter; with ``dense_mlp_lora`` also its LoRA on the dense
+    MLPs, which peft 0.21 on transformers v5 drops on load (see ``load_hf_with_peft_and_dense_mlp_lora``)."""
     import torch
-    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
-    from safetensors.torch import load_file
 
-    from moe_lora_plugins.testing.peft_reference import load_hf_with_peft
+    from moe_lora_plugins.testing.peft_reference import (
+        load_hf_with_peft,
+        load_hf_with_peft_and_dense_mlp_lora,
+    )
 
-    base, model = load_hf_with_peft(base_dir, adapter_dir)
-    if dense_mlp_lora:
-        config = json.loads((adapter_dir / "adapter_config.json").read_text())
-        tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
-        for layer in base.config.mlp_only_layers:
-            prefix = f"base_model.model.model.layers.{layer}.mlp."
-            holder = torch.nn.Module()  # no .config: peft leaves the target names alone
-            holder.mlp = base.model.layers[layer].mlp
-            lora = LoraConfig(r=config["r"], lora_alpha=config["lora_alpha"],
-                              target_modules=["gate_proj", "up_proj", "down_proj"])
-            inject_adapter_in_model(lora, holder, adapter_name="dense")
-            state = {"mlp." + k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-            result = set_peft_model_state_dict(holder, state, adapter_name="dense")
-            assert not result.unexpected_keys, result.unexpected_keys
+    _, model = (load_hf_with_peft_and_dense_mlp_lora if dense_mlp_lora else load_hf_with_peft)(base_dir, adapter_dir)
     with torch.no_grad():
         return model(input_ids=tokens).logits
 

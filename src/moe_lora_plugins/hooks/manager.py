@@ -26,6 +26,7 @@ BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (
     ("lora_actor", "moe_lora_plugins.plugins.lora_actor"),
     ("true_on_policy", "moe_lora_plugins.plugins.true_on_policy"),
     ("generate_state", "moe_lora_plugins.plugins.generate_state"),
+    ("multi_lora", "moe_lora_plugins.plugins.multi_lora"),
 )
 
 logger = logging.getLogger("moe_lora_plugins.hooks")

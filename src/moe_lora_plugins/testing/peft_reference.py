@@ -63,3 +63,36 @@ def load_hf_with_peft(base_dir: Path, adapter_dir: Path) -> tuple[Any, Any]:
     base, info = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, output_loading_info=True)
     assert not any(info.values()), f"base checkpoint does not load cleanly: {info}"
     return base, PeftModel.from_pretrained(base, adapter_dir).eval()
+
+
+def load_hf_with_peft_and_dense_mlp_lora(base_dir: Path, adapter_dir: Path) -> tuple[Any, Any]:
+    """:func:`load_hf_with_peft`, plus the adapter's LoRA on the dense MLPs of ``mlp_only_layers``.
+
+    peft 0.21 on transformers v5 re-targets every ``gate_proj`` / ``up_proj`` / ``down_proj`` of a
+    ``qwen3_moe`` model to the fused expert parameters, so ``PeftModel`` drops the dense layers' MLP
+    LoRA; peft's own ``inject_adapter_in_model`` adds it on each dense MLP here (an adapter without
+    dense-MLP tensors is left as it is).
+    """
+    import json
+
+    import torch
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    base, model = load_hf_with_peft(base_dir, adapter_dir)
+    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    tensors = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+    for layer in getattr(base.config, "mlp_only_layers", None) or []:
+        prefix = f"base_model.model.model.layers.{layer}.mlp."
+        state = {"mlp." + k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if not state:
+            continue
+        holder = torch.nn.Module()  # no .config: peft leaves the target names alone
+        holder.mlp = base.model.layers[layer].mlp
+        targets = sorted({k.split(".")[1] for k in state})
+        lora = LoraConfig(r=config["r"], lora_alpha=config["lora_alpha"], target_modules=targets)
+        inject_adapter_in_model(lora, holder, adapter_name="dense")
+        result = set_peft_model_state_dict(holder, state, adapter_name="dense")
+        if result.unexpected_keys:
+            raise AssertionError(f"dense-MLP LoRA of layer {layer} did not load: {result.unexpected_keys}")
+    return base, model
