@@ -39,6 +39,8 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the model, prompts and sampling (default 0)")
     p.add_argument("--workdir", default=None, help="where the model and logs go (default: a new temp dir)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line on stdout")
+    p.add_argument("--adapters", type=int, default=1,
+                   help="train N adapters at once (different ranks, different toy tasks; docs/multilora.md)")
     p.add_argument("--plot", default=None, metavar="FILE", help="write the reward curve as a PNG to FILE")
     p.add_argument("--true-on-policy", dest="true_on_policy", action=argparse.BooleanOptionalAction, default=True,
                    help="true-on-policy mode in trainer and engine (default on): the trainer's log-probs equal "
@@ -47,6 +49,10 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
+    if args.adapters > 1:
+        from moe_lora_plugins.demo.multi import run_from_args_with_defaults
+
+        return run_from_args_with_defaults(args)
     from moe_lora_plugins.demo.config import DemoConfig, DemoConfigError, validate
     from moe_lora_plugins.demo.report import Reporter
     from moe_lora_plugins.demo.run import Demo

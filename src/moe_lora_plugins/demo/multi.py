@@ -338,15 +338,26 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def run_from_args_with_defaults(args: argparse.Namespace) -> int:
-    """``moe-lora-plugins demo --adapters N``: the single-adapter demo's flags where they apply (steps, layout,
-    group size, task length, learning rate, seed, workdir, json); ranks and tasks cycle through 4, 8 and
-    copy, reverse."""
+    """``moe-lora-plugins demo --adapters N``: the single-adapter demo's flags where the user set them (steps,
+    layout, group size, task length, learning rate, seed, workdir, json), this demo's own defaults where a
+    flag still holds the single-adapter demo's default; ranks and tasks cycle through 4, 8 and copy, reverse."""
+    from moe_lora_plugins.demo.config import DemoConfig
+
+    single, multi = DemoConfig(), MultiDemoConfig()
+
+    def chosen(name: str, single_default: object, multi_default: object) -> object:
+        value = getattr(args, name)
+        return multi_default if value == single_default else value
+
     n = args.adapters
     ours = argparse.Namespace(
-        adapters=n, steps=args.steps, ep=args.ep, pp=args.pp, ranks=tuple((4, 8)[i % 2] for i in range(n)),
-        tasks=tuple(("copy", "reverse")[i % 2] for i in range(n)), group_size=args.group_size,
-        groups_per_adapter=MultiDemoConfig.groups_per_adapter, task_length=args.task_length, lr=args.lr,
-        seed=args.seed, workdir=args.workdir, json=args.json)
+        adapters=n, steps=chosen("steps", single.steps, multi.steps), ep=args.ep, pp=args.pp,
+        ranks=tuple((4, 8)[i % 2] for i in range(n)), tasks=tuple(("copy", "reverse")[i % 2] for i in range(n)),
+        group_size=chosen("group_size", single.group_size, multi.group_size),
+        groups_per_adapter=multi.groups_per_adapter,
+        task_length=chosen("task_length", single.task_length, multi.task_length),
+        lr=chosen("lr", single.learning_rate, multi.learning_rate), seed=args.seed, workdir=args.workdir,
+        json=args.json)
     return run_from_args(ours)
 
 
