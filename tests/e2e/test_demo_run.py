@@ -20,7 +20,8 @@ pytestmark = pytest.mark.slow
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 
-SMALLEST = ("--steps", "2", "--samples", "8")
+# Two steps of 8 samples; a larger learning rate than the default so two steps move the adapter clearly.
+SMALLEST = ("--steps", "2", "--samples", "8", "--lr", "0.05")
 
 
 def demo_process(workdir: Path, *flags: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
