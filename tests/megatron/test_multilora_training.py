@@ -122,6 +122,7 @@ def test_each_trained_adapter_as_a_peft_dir_gives_hf_and_peft_the_trainers_logpr
     each sample through its own adapter) equal HF transformers + peft with that adapter's exported PEFT dir
     (peft drops LoRA on the dense MLP of a qwen3_moe model on load; the reference loader adds it back)."""
     from moe_lora_plugins.sync.disk import write_peft_dir
+
     from moe_lora_plugins.testing.peft_reference import load_hf_with_peft_and_dense_mlp_lora
 
     pool.call("add_adapter", 0, SPEC_A)

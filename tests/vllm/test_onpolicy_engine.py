@@ -64,9 +64,8 @@ def _adapter(model_dir: Path, out: Path) -> str:
 def on_policy_engine(tmp_path_factory: pytest.TempPathFactory):
     import os
 
-    from vllm import LLM
-
     from moe_lora_plugins.demo.model import make_tiny_moe
+    from vllm import LLM
 
     root = tmp_path_factory.mktemp("onpolicy-engine")
     model_dir = make_tiny_moe(root / "model", seed=4)
@@ -93,8 +92,9 @@ def _mode_on(monkeypatch):
 
 
 def _greedy(llm, prompts: list[list[int]], adapter: str, steps: int = STEPS) -> list[tuple[list[int], list[float]]]:
-    from vllm import SamplingParams
     from vllm.lora.request import LoRARequest
+
+    from vllm import SamplingParams
 
     params = SamplingParams(max_tokens=steps, min_tokens=steps, ignore_eos=True, temperature=0.0, logprobs=0)
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params,

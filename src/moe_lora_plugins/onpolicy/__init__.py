@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-
 __all__ = ["enabled", "token_logprobs"]
 
 
