@@ -22,6 +22,9 @@ LANE_NEEDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "vllm": ("vllm", ("vllm",)),
     "sglang": ("sglang", ("sglang",)),
     "e2e": ("e2e", ("megatron.core", "megatron.bridge", "vllm")),
+    "vllm033": ("vllm033", ("vllm",)),
+    "areal": ("areal", ("areal", "vllm")),
+    "verl": ("verl", ("verl", "megatron.core", "megatron.bridge")),
 }
 
 

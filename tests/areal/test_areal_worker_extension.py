@@ -8,22 +8,12 @@ loader from a PEFT directory.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
-
 import pytest
 
+from tests.vllm import conftest as helpers  # the vllm lane's helpers (engine start, sender processes)
+from tests.vllm import tiny_models
+
 pytestmark = pytest.mark.areal
-
-VLLM_TESTS = os.path.join(os.path.dirname(__file__), "..", "vllm")
-sys.path.insert(0, VLLM_TESTS)
-_spec = importlib.util.spec_from_file_location("vllm_lane_helpers", os.path.join(VLLM_TESTS, "conftest.py"))
-helpers = importlib.util.module_from_spec(_spec)
-sys.modules["vllm_lane_helpers"] = helpers  # the vllm lane's helpers (engine start, sender processes)
-_spec.loader.exec_module(helpers)
-
-import tiny_models  # noqa: E402
 
 EXTENSION = "moe_lora_plugins.integrations.areal.AReaLMoeLoraWorkerExtension"
 

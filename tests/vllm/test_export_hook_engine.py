@@ -10,15 +10,16 @@ plugin's record must list every tensor sent, once.
 from __future__ import annotations
 
 import pytest
-from tiny_models import adapter_config, make_adapter, save_peft_dir
 
-from conftest import greedy, sync_adapter
 from moe_lora_plugins.testing.plugin_site import (
     RECORD_ENV,
     SCALE_ENV,
     build_export_recorder_site,
     read_record,
 )
+
+from .conftest import greedy, sync_adapter
+from .tiny_models import adapter_config, make_adapter, save_peft_dir
 
 pytestmark = pytest.mark.vllm
 

@@ -10,11 +10,12 @@ leaves the other's rows unchanged; a reused slot gets a new engine id.
 from __future__ import annotations
 
 import pytest
-from tiny_models import adapter_config, make_adapter, save_peft_dir
 
-from conftest import PROMPTS, start_engine, stop_engine, sync_adapter
 from moe_lora_plugins.multilora.controller import AdapterSpec, MultiLoraController
 from moe_lora_plugins.multilora.tagging import AdapterRequestTagger
+
+from .conftest import PROMPTS, start_engine, stop_engine, sync_adapter
+from .tiny_models import adapter_config, make_adapter, save_peft_dir
 
 pytestmark = pytest.mark.vllm
 
