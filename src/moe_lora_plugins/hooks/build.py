@@ -15,7 +15,7 @@ import contextlib
 import contextvars
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 ROLES = ("actor", "reference", "critic")
@@ -25,22 +25,13 @@ ROLES = ("actor", "reference", "critic")
 class BuildConfig:
     """What a host seam hands to ``on_build_model``: its parsed arguments and what we read from them.
 
-    ``lora`` is a ``moe_lora_plugins.lora_config.LoraConfig`` (or ``None``); ``moe`` a
-    ``moe_lora_plugins.trainer_kit.MoeRuntimeConfig`` (or ``None``); ``args`` the host's own namespace
-    or config object; ``seed`` the host's base seed (``None``: leave the RNG alone).
+    ``lora`` is a ``moe_lora_plugins.lora_config.LoraConfig`` (or ``None``: no LoRA from us); ``args``
+    the host's own namespace or config object, for plugins that read more of it.
     """
 
     args: Any = None
     lora: Any = None
-    moe: Any = None
-    seed: int | None = None
     default_role: str = "actor"
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def enable_lora(self) -> bool:
-        """So that ``lora_actor.as_lora_config`` and hosts' ``args.enable_lora`` checks read it alike."""
-        return bool(self.lora is not None and self.lora.enabled)
 
 
 _lock = threading.Lock()
@@ -93,9 +84,8 @@ def pre_wrap_hook(provider: Any, config: BuildConfig, plugin_manager: Any = None
     return call_plugins
 
 
-def declare_build(lora: Any = None, *, moe: Any = None, args: Any = None, seed: int | None = None,
-                  default_role: str = "actor") -> BuildConfig:
+def declare_build(lora: Any = None, *, args: Any = None, default_role: str = "actor") -> BuildConfig:
     """Declare what this process's builds get (``lora``: a ``LoraConfig`` or ``None``); returns the config."""
-    config = BuildConfig(args=args, lora=lora, moe=moe, seed=seed, default_role=default_role)
+    config = BuildConfig(args=args, lora=lora, default_role=default_role)
     set_build_config(config)
     return config

@@ -59,12 +59,18 @@ def on_build_model(model_chunks: list[Any], provider: Any, role: str, config: An
     :param model_chunks: the list of model chunks of this rank (one per virtual pipeline stage).
     :param provider: the Megatron-Bridge model provider that built them.
     :param role: ``"actor"``, ``"reference"`` or ``"critic"``. LoRA plugins act on ``"actor"`` only.
-    :param config: the host's LoRA / MoE configuration (``moe_lora_plugins.lora_config.LoraConfig`` or the
-        host's parsed arguments carrying the same flags).
+    :param config: what the host seam declared: a ``moe_lora_plugins.hooks.build.BuildConfig`` (its
+        ``lora`` and the host's ``args``), or a ``LoraConfig`` / the host's parsed arguments when a
+        caller registers the hook itself (``plugins.lora_actor.install_pre_wrap_hook``).
 
-    Use it to apply LoRA, set MoE runtime options, register bridges and seed. Implementations change
-    the chunks in place; every implementation is called; results are ignored. Reached through
-    Megatron-Bridge's ``register_pre_wrap_hook`` or the host's ``--custom-megatron-init-path``.
+    Called in each trainer rank's process, for every model it builds with Megatron-Bridge's
+    ``provide_distributed_model`` once a host seam declared the build configuration
+    (``integrations.megatron_init.init(args)``, ``integrations.verl``, ``hooks.build.declare_build``),
+    after the host's own pre-wrap hooks (its LoRA, if it applies one) and before DDP / FSDP wrapping.
+    Use it to apply LoRA, adjust modules or parameters, or record what was built (MoE runtime settings
+    and bridge registrations must happen before ``finalize()`` / the bridge lookup: see
+    ``moe_lora_plugins.trainer``). Implementations change the chunks in place; every implementation is
+    called; results are ignored.
     """
 
 
@@ -77,15 +83,22 @@ def on_build_model(model_chunks: list[Any], provider: Any, role: str, config: An
 def on_export_weights(
     weights: Iterable[tuple[str, Any]], context: ExportContext
 ) -> Iterator[tuple[str, Any]] | None:
-    """Wrap the stream of ``(hf_name, tensor)`` pairs that leaves the trainer on one rank.
+    """Wrap the stream of ``(hf_name, tensor)`` items that leaves the trainer on one rank.
 
-    :param weights: the stream so far (upstream export, or the previous plugin's output).
-    :param context: which export (plain / merged / adapter), the model, the rank and the layout.
+    :param weights: the stream so far (the export, or the previous plugin's output). Items are the
+        export's own tuples: ``(hf_name, tensor)``, or the slime/miles fork's ``(hf_name, tensor,
+        megatron_name)``; keep the arity when you transform.
+    :param context: which export (``kind``: ``full``, ``merged`` or ``adapter``), the model, the
+        bridge and this rank's layout (``pp``, ``ep``, ``tp``, ``etp`` and ``*_rank``).
 
-    Called on every trainer rank that exports, once per export. Implementations are chained: each
-    one receives the iterator returned by the one before (in pluggy's call order, last registered
-    first) and returns a new iterator, or ``None`` to pass the stream on untouched. Use it to
-    globalize names, gather shards, convert to an engine's adapter format, merge or audit. See
+    Called on every trainer rank that exports, once per stream that leaves the trainer
+    (``moe_lora_plugins.hooks.streams``): the patched Megatron-Bridge ``export_hf_weights`` (plain or
+    merged) and ``export_adapter_weights`` / ``save_hf_adapter``, merge-on-export
+    (``merge.bridge_export``; the two exports it reads are not shown separately) and the adapter sync
+    sender (unless its input already went through the chain). Decided when the stream starts to be
+    read. Implementations are chained: each receives the iterator returned by the one before (in
+    pluggy's call order, last registered first) and returns a new iterator, or ``None`` to pass the
+    stream on untouched; what the last one yields is what the engine receives. See
     :func:`moe_lora_plugins.hooks.manager.chain_export_weights`.
     """
 

@@ -65,15 +65,13 @@ def init(args: Any = None) -> None:
     activate(role="trainer")
     if args is None:
         return
-    from moe_lora_plugins.hooks.build import BuildConfig, set_build_config
+    from moe_lora_plugins.hooks.build import declare_build
     from moe_lora_plugins.lora_config import apply_true_on_policy, validate_lora_config
-    from moe_lora_plugins.trainer.moe_runtime import MoeRuntimeConfig
 
     lora = lora_config_from_host_args(args)
     validate_lora_config(lora)
     apply_true_on_policy(lora)  # before any model is built: the patched ops read the switch at call time
-    set_build_config(BuildConfig(args=args, lora=lora, moe=MoeRuntimeConfig.from_mapping(args),
-                                 seed=getattr(args, "seed", None)))
+    declare_build(lora, args=args)
     if _megatron_bridge_importable():
         from moe_lora_plugins.trainer.glm_bridge import ensure_glm47_flash_bridge
 

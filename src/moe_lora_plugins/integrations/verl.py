@@ -36,9 +36,9 @@ if build_config() is None:
     declare_build()
 
 
-def use_lora(lora: Any, *, moe: Any = None) -> None:
+def use_lora(lora: Any) -> None:
     """Give every actor verl builds in this process ``lora`` (a ``LoraConfig``) through ``on_build_model``."""
     from moe_lora_plugins.lora_config import validate_lora_config
 
     validate_lora_config(lora)
-    declare_build(lora, moe=moe)
+    declare_build(lora)
