@@ -114,6 +114,9 @@ LOCKS = {
             "engine-trainer", PY312, ("lanes/engine-trainer.txt",),
             overrides="lanes/engine-trainer-overrides.txt", nodeps="lanes/engine-trainer-nodeps.txt",
         ),
+        Lock("areal", PY311, ("lanes/areal.txt",), overrides="lanes/vllm-overrides.txt",
+             nodeps="lanes/areal-nodeps.txt"),
+        Lock("verl", PY312, ("lanes/verl.txt",), nodeps="lanes/verl-nodeps.txt"),
         Lock(
             "upstream", PY312, ("lanes/engine-trainer.txt", "lanes/upstream.txt"),
             overrides="lanes/engine-trainer-overrides.txt", nodeps="lanes/engine-trainer-nodeps.txt",
@@ -270,17 +273,12 @@ nox.options.sessions += ["areal", "verl"]
 @nox.session(python=PY311)
 def areal(session: nox.Session) -> None:
     """AReaL 1.0.4's vLLM worker extension composed with ours, in a real vLLM CPU engine (tests/areal)."""
-    session.install("-r", "lanes/areal.txt")
-    session.run("python", "-m", "pip", "uninstall", "-y", "torchvision", "torchaudio", "torchcodec")
-    session.install("--no-deps", "-r", "lanes/areal-nodeps.txt")
-    session.install(".")
+    install_locked(session, "areal")
     _pytest(session, "tests/areal")
 
 
 @nox.session(python=PY312)
 def verl(session: nox.Session) -> None:
     """verl 0.9.1's Megatron model construction with our external_lib integration (tests/verl)."""
-    session.install("-r", "lanes/verl.txt")
-    session.install("--no-deps", "-r", "lanes/verl-nodeps.txt")
-    session.install(".")
+    install_locked(session, "verl")
     _pytest(session, "tests/verl")
