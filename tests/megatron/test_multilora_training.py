@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from multilora_support import SPEC_A, SPEC_B, SPEC_C, SPEC_D, prompts_for, reward, sample_rollout
 
 from moe_lora_plugins.multilora.controller import MultiLoraController
 from moe_lora_plugins.multilora.driver import MultiLoraDriver
 from moe_lora_plugins.multilora.trainer import MultiBatch, MultiLoraTrainerError
+
+from .multilora_support import SPEC_A, SPEC_B, SPEC_C, SPEC_D, prompts_for, reward, sample_rollout
 
 EP, PP = 2, 2
 
