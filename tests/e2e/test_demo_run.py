@@ -153,6 +153,9 @@ def test_without_the_mode_the_exact_gate_stops_the_demo_at_the_first_differing_t
     assert "first differing layer: model.layers." in proc.stderr
     diff = float(proc.stderr.split("step 1: train_rollout_logprob_abs_diff = ")[1].split()[0])
     assert 0.0 < diff < 1e-4
+    # The layer comparison uses the adapter that scored the batch (before the step's update): rounding-sized.
+    layer_diff = float(proc.stderr.split("first differing layer: model.layers.")[1].split("max |diff| ")[1].split(")")[0])
+    assert 0.0 < layer_diff < 1e-4
 
 
 def test_per_step_lines_show_reward_logprob_diff_sync_and_audit(demo):

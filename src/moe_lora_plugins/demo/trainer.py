@@ -249,6 +249,8 @@ class TrainerRank:
         )
         if update:
             self._reduce_gradients()
+            # The adapter that scored this batch, for layer_outputs(pre_step=True) if the on-policy gate trips.
+            self._pre_step = [param.detach().clone() for param in self.params]
             self.optimizer.step()
         result = StepResult(rank=_rank(), seconds=time.perf_counter() - start)
         if store:
@@ -258,9 +260,27 @@ class TrainerRank:
             result.loss = float(sum(float(item["loss"]) for item in losses))
         return result
 
-    def layer_outputs(self, tokens: list[int]) -> dict[int, Any]:
+    def layer_outputs(self, tokens: list[int], pre_step: bool = True) -> dict[int, Any]:
         """Every local decoder layer's output for ``tokens`` scored alone (data-parallel rank 0 answers; the
-        other replicas score a copy so that expert-parallel peers run the MoE layers together)."""
+        other replicas score a copy so that expert-parallel peers run the MoE layers together). With
+        ``pre_step``, the LoRA weights are those before the last update: the adapter that scored the batch."""
+        import torch
+
+        saved = None
+        if pre_step and getattr(self, "_pre_step", None) is not None:
+            saved = [param.detach().clone() for param in self.params]
+            with torch.no_grad():
+                for param, before in zip(self.params, self._pre_step, strict=True):
+                    param.copy_(before)
+        try:
+            return self._layer_outputs(tokens)
+        finally:
+            if saved is not None:
+                with torch.no_grad():
+                    for param, now in zip(self.params, saved, strict=True):
+                        param.copy_(now)
+
+    def _layer_outputs(self, tokens: list[int]) -> dict[int, Any]:
         import torch
         from megatron.core import parallel_state as ps
 
