@@ -1,4 +1,4 @@
-"""Print each lane's result and time (nox's --report) and one closing line over every lane's JUnit
+"""Print each lane's result and time (nox's --report files, one per nox process) and one closing line over every lane's JUnit
 file: 'N passed, N failed, N skipped'. Exit 1 when a lane failed, a test failed or no test passed."""
 
 from __future__ import annotations
@@ -28,15 +28,15 @@ def main(nox_dir: Path) -> int:
             totals["skipped"] += skipped
 
     lane_failed = False
-    report = nox_dir / "report.json"
-    if report.exists():
-        sessions = json.loads(report.read_text())["sessions"]
+    reports = sorted(nox_dir.glob("report*.json"))
+    if reports:
+        sessions = [s for report in reports for s in json.loads(report.read_text())["sessions"]]
         total_time = sum(s["duration"] for s in sessions)
         for s in sessions:
             lane_failed |= s["result"] == "failed"
             tests = f", {passed[s['name']]} passed" if s["name"] in passed else ""
             print(f"lane {s['name']}: {s['result']} in {_minutes(s['duration'])}{tests}")
-        print(f"all lanes: {_minutes(total_time)}")
+        print(f"all lanes: {_minutes(total_time)} of lane time ({len(reports)} nox process(es) side by side)")
     else:
         print("; ".join(f"{lane}: {n} passed" for lane, n in passed.items()))
     print(f"total: {totals['passed']} passed, {totals['failed']} failed, {totals['skipped']} skipped")
