@@ -13,17 +13,17 @@ the engine must equal vLLM's own loading of that adapter's PEFT directory (bitwi
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moe_lora_plugins.demo.run import _output_to
 from moe_lora_plugins.demo.task import CopyTask
 from moe_lora_plugins.errors import MoeLoraError
 
@@ -128,26 +128,6 @@ class MultiEngine:
                   for i in range(len(prompts))]
         return self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, lora_request=list(requests),
                                  use_tqdm=False)
-
-
-@contextlib.contextmanager
-def _output_to(path: Path) -> Iterator[None]:
-    """This process's stdout / stderr file descriptors (C++ and library output too) into ``path`` meanwhile."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.dup2(log, 1)
-    os.dup2(log, 2)
-    try:
-        yield
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for fd in (*saved, log):
-            os.close(fd)
 
 
 def _logprob_rows(outputs: list[Any]) -> list[list[float]]:
