@@ -122,8 +122,7 @@ def test_each_trained_adapter_as_a_peft_dir_gives_hf_and_peft_the_trainers_logpr
     """The independent reference: every sample's completion log-probs from the multi-LoRA trainer (mixed batch,
     each sample through its own adapter) equal HF transformers + peft with that adapter's exported PEFT dir
     (peft drops LoRA on the dense MLP of a qwen3_moe model on load; the reference loader adds it back)."""
-    from moe_lora_plugins.sync.disk import write_peft_dir
-
+    from moe_lora_plugins.lora.formats import write_adapter_dir
     from moe_lora_plugins.testing.peft_reference import load_hf_with_peft_and_dense_mlp_lora
 
     pool.call("add_adapter", 0, SPEC_A)
@@ -141,7 +140,7 @@ def test_each_trained_adapter_as_a_peft_dir_gives_hf_and_peft_the_trainers_logpr
         dirs = {}
         for slot in (0, 1):
             exported = pool.call("export_adapter", slot)[0]
-            dirs[slot] = write_peft_dir(str(tmp_path / f"slot{slot}"), exported["tensors"], exported["config"])
+            dirs[slot] = write_adapter_dir(str(tmp_path / f"slot{slot}"), exported["tensors"], exported["config"])
     finally:
         pool.call("remove_adapter", 0)
         pool.call("remove_adapter", 1)

@@ -258,13 +258,13 @@ class MultiDemo:
         batch that mixes LoRAs are grouped by LoRA slot, which can move float32 sums by ~1e-6."""
         from vllm.lora.request import LoRARequest
 
-        from moe_lora_plugins.sync.disk import write_peft_dir
+        from moe_lora_plugins.lora.formats import write_adapter_dir
 
         checks = {}
         for i, record in enumerate(controller.records()):
             exported = self.pool.call("export_adapter", record.slot)[0]
             path = self.workdir / "peft" / f"{record.name}-step{step}"
-            write_peft_dir(str(path), exported["tensors"], exported["config"])
+            write_adapter_dir(str(path), exported["tensors"], exported["config"])
             disk_id = DISK_ID_BASE + 100 * step + i
             tag = self.tagger.tag(record.name)
             try:
