@@ -139,6 +139,7 @@ def _pytest(session: nox.Session, *paths: str, env: dict[str, str] | None = None
     session.run(
         "python", "-m", "pytest", *paths,
         f"--junitxml={os.path.join(session.invoked_from, '.nox', f'junit-{lane}.xml')}",
+        "--durations=15",
         *session.posargs,
         env={"MOELORA_LANE": lane, **(env or {})},
     )

@@ -4,7 +4,9 @@ Each rank builds a tiny Qwen3-MoE through Megatron-Bridge (local spec: Sequentia
 attention and every expert), runs one forward + backward with upstream's per-expert adapters, then
 activates the suite and runs it again, then once more with true on-policy mode on. The grouped path
 must have run (its calls are counted: two per MoE layer) and give bitwise the same logits and
-gradients on the CPU; in on-policy mode it must step aside (no grouped call) with the same numbers.
+gradients on the CPU. In on-policy mode it must step aside (no grouped call): the batch-invariant
+MoE path computes the same function with another summation order, so its numbers agree with
+upstream's to rounding (the on-policy mode's own bitwise checks are in test_onpolicy_trainer.py).
 """
 
 from __future__ import annotations
@@ -55,7 +57,13 @@ def forward_backward_three_ways(hf_config: Any, layout: ParallelLayout, dtype_na
         calls["n"] = 0
         logits = model(input_ids=tokens, position_ids=torch.arange(seq)[None], attention_mask=causal)
         (logits.float() * weights).sum().backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        # the on-policy MoE path computes only the experts that received tokens, so an idle expert's
+        # adapter gets no gradient at all where upstream gives it zeros
+        grads = {
+            n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p))
+            for n, p in model.named_parameters()
+            if p.requires_grad
+        }
         return {"logits": logits.detach().clone(), "grads": grads, "grouped_calls": calls["n"]}
 
     upstream = step()
@@ -74,6 +82,14 @@ def forward_backward_three_ways(hf_config: Any, layout: ParallelLayout, dtype_na
         out = [] if torch.equal(a["logits"], b["logits"]) else ["logits"]
         return out + [n for n in a["grads"] if not torch.equal(a["grads"][n], b["grads"][n])]
 
+    def worst_relative(a: dict[str, Any], b: dict[str, Any]) -> float:
+        pairs = [(a["logits"], b["logits"])] + [(a["grads"][n], b["grads"][n]) for n in a["grads"]]
+        worst = 0.0
+        for x, y in pairs:
+            scale = max(x.float().abs().max().item(), 1e-12)
+            worst = max(worst, (x.float() - y.float()).abs().max().item() / scale)
+        return worst
+
     expert_lora = [n for n in upstream["grads"] if ".experts." in n and ".adapter." in n]
     return {
         "status": status,
@@ -81,7 +97,7 @@ def forward_backward_three_ways(hf_config: Any, layout: ParallelLayout, dtype_na
         "patched_calls": patched["grouped_calls"],
         "on_policy_calls": on_policy["grouped_calls"],
         "patched_differs": diff(upstream, patched),
-        "on_policy_differs": diff(upstream, on_policy),
+        "on_policy_relative": worst_relative(upstream, on_policy),
         "expert_lora_grads": len(expert_lora),
         "zero_expert_lora_grads": [n for n in expert_lora if torch.count_nonzero(upstream["grads"][n]) == 0],
     }
@@ -103,4 +119,6 @@ def test_grouped_expert_lora_gives_upstreams_logits_and_gradients_bitwise(layout
         assert r["patched_calls"] == 2 * r["moe_layers"], (rank, r["patched_calls"])
         assert r["patched_differs"] == [], (rank, r["patched_differs"][:8])
         assert r["on_policy_calls"] == 0, (rank, r["on_policy_calls"])
-        assert r["on_policy_differs"] == [], (rank, r["on_policy_differs"][:8])
+        tolerance = 5e-2 if dtype_name == "bfloat16" else 1e-4
+        print("on-policy vs upstream, worst relative", dtype_name, r["on_policy_relative"])
+        assert r["on_policy_relative"] < tolerance, (rank, r["on_policy_relative"])
