@@ -25,6 +25,7 @@ from moe_lora_plugins.registry import (
     _resolve_owner,
     installed_version,
     missing_required_symbol,
+    out_of_range_status,
     signature_fingerprint,
     version_in_range,
 )
@@ -153,7 +154,8 @@ def check_spec(
         elif version is None:
             row["status"] = "absent"
         elif not in_range:
-            row["status"] = "incompatible"
+            row["status"] = out_of_range_status(spec, dist or "", version)[0].value
+            row["detail"] = out_of_range_status(spec, dist or "", version)[1]
         elif row["resolvable"] is False:
             row["status"] = "error" if row.get("import_error") else "missing-symbol"
         elif False in row["requires"].values():

@@ -42,6 +42,10 @@ def render_ledger(specs: Iterable[PatchSpec]) -> str:
         lines.append("")
         lines.append(f"- **Target:** `{spec.target_path}` ({spec.kind}), fingerprint `{spec.fingerprint}`")
         lines.append(f"- **Versions:** {' or '.join(spec.distributions)} `{spec.versions}`")
+        if spec.superseded_from:
+            lines.append(f"- **Superseded from:** {spec.superseded_from} (upstream carries the fix; not applied there)")
+        if spec.mode:
+            lines.append(f"- **Serves mode:** `{spec.mode}` (outside its range it reads `unsupported` while the mode is off)")
         if spec.verified:
             lines.append(f"- **Verified:** {spec.verified}")
         if spec.roles:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import importlib
 import logging
+import os
 import sys
 import threading
 import types
@@ -30,6 +31,10 @@ from moe_lora_plugins.errors import (
 logger = logging.getLogger("moe_lora_plugins.registry")
 
 
+# The opt-in modes a PatchSpec may serve, and the switch that turns each on.
+MODES = {"true_on_policy": "MOELORA_TRUE_ON_POLICY"}
+
+
 class PatchStatus(str, enum.Enum):
     """Where one patch stands in one process."""
 
@@ -39,6 +44,8 @@ class PatchStatus(str, enum.Enum):
     APPLIED = "applied"
     ABSENT = "absent"  # the distribution is not installed
     INCOMPATIBLE = "incompatible"  # installed version outside the declared range
+    SUPERSEDED = "superseded"  # upstream carries the fix from the installed version on: nothing to patch
+    UNSUPPORTED = "unsupported"  # an opt-in mode's patch, out of range, with that mode off in this process
     DRIFT = "drift"  # the symbol's signature differs from the declared fingerprint
     MISSING_SYMBOL = "missing-symbol"  # the module exists, the attribute does not
     OVERWRITTEN = "overwritten"  # applied, then someone else replaced the attribute
@@ -78,6 +85,12 @@ class PatchSpec:
     ``"module:Class#attr"`` for an attribute that instances of ``Class`` carry (assigned in one of its
     methods or a base class's). They are checked when the patch is applied, like the target: one
     that is missing leaves the patch unapplied with status ``missing-symbol``.
+
+    ``superseded_from`` is the upstream version from which upstream itself carries the fix: at or above
+    it the patch is not applied and reads ``superseded``, which is not a failure. ``mode`` names the
+    opt-in mode the patch serves (``"true_on_policy"``, switched by ``MOELORA_TRUE_ON_POLICY``): outside
+    its range, while that mode is off in the process, it reads ``unsupported`` (the mode cannot be used
+    with that version; nothing else is lost), and ``incompatible`` once the mode is on.
     """
 
     id: str
@@ -95,10 +108,23 @@ class PatchSpec:
     roles: frozenset[str] | None = None
     verified: str = ""
     requires: tuple[str, ...] = ()
+    superseded_from: str = ""
+    mode: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in ("wrap", "replace"):
             raise ValueError(f"PatchSpec {self.id!r}: kind must be 'wrap' or 'replace', not {self.kind!r}")
+        if self.mode and self.mode not in MODES:
+            raise ValueError(f"PatchSpec {self.id!r}: mode {self.mode!r} is not one of {sorted(MODES)}")
+        if self.superseded_from:
+            from packaging.version import InvalidVersion, Version
+
+            try:
+                Version(self.superseded_from)
+            except InvalidVersion:
+                raise ValueError(
+                    f"PatchSpec {self.id!r}: superseded_from {self.superseded_from!r} is not a version"
+                ) from None
         if ":" not in self.implementation:
             raise ValueError(
                 f"PatchSpec {self.id!r}: implementation {self.implementation!r} must be 'module:callable'"
@@ -182,6 +208,38 @@ def version_in_range(spec: PatchSpec, version: str) -> bool:
         return False
     # Compare the public version: '0.32.0+cpu' is vLLM 0.32.0 for our purposes.
     return SpecifierSet(spec.versions).contains(Version(parsed.public), prereleases=True)
+
+
+def _mode_on(mode: str) -> bool:
+    """Whether the opt-in ``mode`` is switched on in this process (a malformed switch counts as on)."""
+    from moe_lora_plugins.envs import parse_bool
+
+    try:
+        return parse_bool(MODES[mode], os.environ.get(MODES[mode]))
+    except Exception:
+        return True
+
+
+def out_of_range_status(spec: PatchSpec, dist: str, version: str) -> tuple[PatchStatus, str]:
+    """The status, and its detail, of a patch whose installed ``version`` is outside ``spec.versions``."""
+    from packaging.version import InvalidVersion, Version
+
+    if spec.superseded_from:
+        try:
+            fixed = Version(Version(version).public) >= Version(spec.superseded_from)
+        except InvalidVersion:
+            fixed = False
+        if fixed:
+            return PatchStatus.SUPERSEDED, (
+                f"{dist} {version} carries the fix itself (from {spec.superseded_from}: {spec.upstream}); "
+                "nothing to patch"
+            )
+    if spec.mode and not _mode_on(spec.mode):
+        return PatchStatus.UNSUPPORTED, (
+            f"{dist} {version} is outside {spec.versions!r}: {spec.mode} mode cannot be used with it "
+            f"({MODES[spec.mode]} is off here, so nothing else is affected)"
+        )
+    return PatchStatus.INCOMPATIBLE, f"{dist} {version} not in {spec.versions}"
 
 
 def _names_in_code(code: types.CodeType) -> set[str]:
@@ -324,6 +382,13 @@ class PatchRegistry:
             record = self._record(patch_id)
             if record.status in (PatchStatus.APPLIED, PatchStatus.PENDING):
                 return record.status
+            dist, version = installed_version(record.spec)
+            if version is not None and not version_in_range(record.spec, version):
+                status, detail = out_of_range_status(record.spec, dist or "", version)
+                if status != PatchStatus.INCOMPATIBLE:  # never applicable here, and not a failure: say so now
+                    record.installed = version
+                    self._set(record, status, detail)
+                    return record.status
             self._set(record, PatchStatus.PENDING, f"waiting for `import {record.spec.target}`")
             target = record.spec.target
             if target in sys.modules:
@@ -361,6 +426,10 @@ class PatchRegistry:
                 f"MOELORA_DISABLED_PATCHES={spec.id}."
             )
         if not version_in_range(spec, version):
+            status, detail = out_of_range_status(spec, dist, version)
+            if status != PatchStatus.INCOMPATIBLE:
+                self._set(record, status, detail)
+                return
             raise IncompatibleVersionError(
                 f"{spec.id}: {dist} {version} is outside the supported range {spec.versions!r}; the patch "
                 f"was not applied. Install a {dist} version in that range, upgrade moe-lora-plugins, or "
@@ -560,6 +629,8 @@ class PatchRegistry:
         for patch_id in sorted(self.required):
             record = self._record(patch_id)
             status = self.status(patch_id)
+            if status == PatchStatus.SUPERSEDED:
+                continue
             if status in (PatchStatus.APPLIED, PatchStatus.PENDING):
                 if status == PatchStatus.PENDING:
                     dist, version = installed_version(record.spec)
@@ -567,7 +638,9 @@ class PatchRegistry:
                         self._set(record, PatchStatus.ABSENT, f"none of {list(record.spec.distributions)} installed")
                     elif not version_in_range(record.spec, version):
                         record.installed = version
-                        self._set(record, PatchStatus.INCOMPATIBLE, f"{dist} {version} not in {record.spec.versions}")
+                        self._set(record, *out_of_range_status(record.spec, dist, version))
+                        if record.status == PatchStatus.SUPERSEDED:
+                            continue  # upstream carries the fix: the requirement is met
                     else:
                         continue
                 else:

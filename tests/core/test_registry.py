@@ -213,3 +213,51 @@ def test_a_spec_with_a_bad_implementation_path_is_rejected_when_declared():
             id="x", distribution="d", versions=">=1", target="m", attribute="f", kind="wrap",
             implementation="no_colon", fingerprint="()", why="", upstream="", remove_when="",
         )
+
+
+def _retired_spec(**fields):
+    """A spec on an installed distribution (packaging) whose range excludes the installed version."""
+    from moe_lora_plugins.registry import PatchSpec, signature_fingerprint
+    from packaging.version import Version
+
+    base = dict(
+        id="fixture.retired", distribution="packaging", versions="<1", target="packaging.version",
+        attribute="Version.__init__", kind="wrap", implementation="builtins:print",
+        fingerprint=signature_fingerprint(Version.__init__), why="fixture", upstream="fixed upstream in 1.0",
+        remove_when="never",
+    )
+    return PatchSpec(**{**base, **fields})
+
+
+def test_a_patch_fixed_upstream_reads_superseded_not_a_failure_and_meets_require():
+    from moe_lora_plugins.registry import PatchRegistry, PatchStatus
+
+    registry = PatchRegistry([_retired_spec(superseded_from="1.0")])
+    registry.required = frozenset({"fixture.retired"})
+    assert registry.apply("fixture.retired") == PatchStatus.SUPERSEDED
+    assert not PatchStatus.SUPERSEDED.is_failure
+    assert "carries the fix itself (from 1.0" in registry.detail("fixture.retired")
+    registry.check_required()  # the fix is present: nothing to require
+    # without superseded_from the same spec is an ordinary incompatible failure
+    plain = PatchRegistry([_retired_spec()])
+    assert plain.apply("fixture.retired") == PatchStatus.INCOMPATIBLE
+
+
+def test_a_mode_patch_out_of_range_is_unsupported_while_the_mode_is_off(monkeypatch):
+    from moe_lora_plugins.registry import PatchRegistry, PatchStatus
+
+    monkeypatch.delenv("MOELORA_TRUE_ON_POLICY", raising=False)
+    off = PatchRegistry([_retired_spec(mode="true_on_policy")])
+    assert off.apply("fixture.retired") == PatchStatus.UNSUPPORTED
+    assert not PatchStatus.UNSUPPORTED.is_failure
+    assert "MOELORA_TRUE_ON_POLICY is off" in off.detail("fixture.retired")
+    monkeypatch.setenv("MOELORA_TRUE_ON_POLICY", "1")
+    on = PatchRegistry([_retired_spec(mode="true_on_policy")])
+    assert on.apply("fixture.retired") == PatchStatus.INCOMPATIBLE
+
+
+def test_spec_fields_for_retirement_are_checked():
+    with pytest.raises(ValueError, match="mode 'fast' is not one of"):
+        _retired_spec(mode="fast")
+    with pytest.raises(ValueError, match="superseded_from 'soon' is not a version"):
+        _retired_spec(superseded_from="soon")

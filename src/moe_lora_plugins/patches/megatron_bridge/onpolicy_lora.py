@@ -20,6 +20,7 @@ SPECS = (
         target="megatron.bridge.peft.utils",
         attribute="ParallelLinearAdapter.forward",
         kind="wrap",
+        mode="true_on_policy",
         implementation="moe_lora_plugins.patches.megatron_bridge.onpolicy_lora:adapter_forward",
         fingerprint="(self, x, *args, **kwargs)",
         why="The LoRA delta is (B(Ax))*s on the trainer and (Ax)(sB) in vLLM, each with its own matmul; in "

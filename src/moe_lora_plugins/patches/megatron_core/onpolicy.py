@@ -19,6 +19,7 @@ _COMMON = dict(
     distribution="megatron-core",
     versions=">=0.19,<0.20",
     kind="wrap",
+    mode="true_on_policy",
     upstream="none: megatron-core's batch_invariant_mode needs Transformer Engine + FlashAttention 3/4 and does "
     "not cover the local spec's attention or MoE experts (docs/true-on-policy.md)",
     remove_when="megatron-core's own batch-invariant mode covers the local spec end to end and the rollout "

