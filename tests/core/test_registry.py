@@ -217,8 +217,9 @@ def test_a_spec_with_a_bad_implementation_path_is_rejected_when_declared():
 
 def _retired_spec(**fields):
     """A spec on an installed distribution (packaging) whose range excludes the installed version."""
-    from moe_lora_plugins.registry import PatchSpec, signature_fingerprint
     from packaging.version import Version
+
+    from moe_lora_plugins.registry import PatchSpec, signature_fingerprint
 
     base = dict(
         id="fixture.retired", distribution="packaging", versions="<1", target="packaging.version",

@@ -187,7 +187,7 @@ def shadow_version_site(root: Path, spec: PatchSpec) -> Path:
 
 # The body that runs in the fresh interpreter. It prints one JSON line.
 _CHILD = r'''
-import importlib, json, sys
+import importlib, inspect, json, sys
 spec_id, case, strict = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
 exec(sys.argv[5])  # the prelude, e.g. hiding Transformer Engine for megatron.bridge
 from moe_lora_plugins.activation import activate, get_registry
@@ -254,8 +254,42 @@ try:
             *outer, last = path.split(".")
             for part in outer:
                 holder = getattr(holder, part)
-            if instance_attribute:  # the class itself goes: its methods are what names the attribute
-                delattr(holder, last)
+            if instance_attribute:  # the class stays; every method of it (and its bases) naming the attribute
+                # is replaced by one that does not, as if upstream had dropped the attribute
+                def _names(code):
+                    found = set(code.co_names)
+                    for const in code.co_consts:
+                        if hasattr(const, "co_names"):
+                            found |= _names(const)
+                    return found
+
+                def _stand_in(function):  # same parameters (so fingerprints still match), empty body
+                    params, previous, starred = [], None, False
+                    for p in inspect.signature(function).parameters.values():
+                        if previous == p.POSITIONAL_ONLY and p.kind != p.POSITIONAL_ONLY:
+                            params.append("/")
+                        if p.kind == p.KEYWORD_ONLY and not starred:
+                            params.append("*")
+                            starred = True
+                        starred = starred or p.kind == p.VAR_POSITIONAL
+                        prefix = {p.VAR_POSITIONAL: "*", p.VAR_KEYWORD: "**"}.get(p.kind, "")
+                        params.append(prefix + p.name + ("=None" if p.default is not p.empty else ""))
+                        previous = p.kind
+                    if previous == inspect.Parameter.POSITIONAL_ONLY:
+                        params.append("/")
+                    names = {}
+                    exec(f"def stand_in({', '.join(params)}):\n    return None", names)
+                    return names["stand_in"]
+
+                for klass in getattr(getattr(holder, last), "__mro__", ()):
+                    for attr_name, value in list(vars(klass).items()):
+                        function = getattr(value, "__func__", value)
+                        code = getattr(function, "__code__", None)
+                        if code is not None and instance_attribute in _names(code) and klass is not object:
+                            replacement = _stand_in(function)
+                            if isinstance(value, (classmethod, staticmethod)):
+                                replacement = type(value)(replacement)
+                            setattr(klass, attr_name, replacement)
             else:
                 owners = [k for k in getattr(holder, "__mro__", (holder,)) if last in vars(k)]
                 delattr(owners[0] if owners else holder, last)

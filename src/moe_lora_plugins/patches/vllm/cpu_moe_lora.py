@@ -44,8 +44,8 @@ SPECS = (
             "experts itself"
         ),
         requires=(
-            "vllm.model_executor.layers.fused_moe.experts.triton_moe:TritonExperts.adjust_N_for_activation",
             "vllm.model_executor.layers.fused_moe.experts.triton_moe:TritonExperts#_lora_context",
+            "vllm.model_executor.layers.fused_moe.experts.triton_moe:TritonExperts.adjust_N_for_activation",
             "vllm.model_executor.layers.fused_moe.experts.triton_moe:TritonExperts.quant_dtype",
             "vllm.model_executor.layers.fused_moe.experts.triton_moe:TritonExperts.activation",
             "vllm.model_executor.layers.fused_moe.experts.lora_context:MoELoRAContext#w13_lora_a_stacked",
