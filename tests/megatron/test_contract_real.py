@@ -7,9 +7,10 @@ import pytest
 
 from moe_lora_plugins.patches import all_specs
 from moe_lora_plugins.testing.contract import (
-    assert_real_lifecycle,
+    assert_lifecycle_facts,
     assert_real_missing_required_refused,
     assert_real_out_of_range_refused,
+    real_lifecycles,
 )
 
 SPECS = [s for s in all_specs() if {"megatron-bridge", "megatron-core"} & set(s.distributions)]
@@ -20,9 +21,15 @@ def test_the_lane_has_megatron_specs():
     assert SPECS, "no PatchSpec targets megatron-bridge or megatron-core"
 
 
+@pytest.fixture(scope="module")
+def lifecycles():
+    """Every spec's lifecycle facts, from one interpreter that imports the real packages once."""
+    return real_lifecycles(SPECS, PRELUDE)
+
+
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.id)
-def test_real_target_lifecycle(spec):
-    assert_real_lifecycle(spec, PRELUDE)
+def test_real_target_lifecycle(spec, lifecycles):
+    assert_lifecycle_facts(lifecycles[spec.id])
 
 
 def test_an_out_of_range_installed_version_is_refused_on_the_real_package(tmp_path):

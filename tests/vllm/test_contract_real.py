@@ -7,9 +7,10 @@ import pytest
 
 from moe_lora_plugins.patches import all_specs
 from moe_lora_plugins.testing.contract import (
-    assert_real_lifecycle,
+    assert_lifecycle_facts,
     assert_real_missing_required_refused,
     assert_real_out_of_range_refused,
+    real_lifecycles,
 )
 
 SPECS = [s for s in all_specs() if "vllm" in s.distributions]
@@ -19,9 +20,15 @@ def test_the_lane_has_vllm_specs():
     assert SPECS, "no PatchSpec targets vllm"
 
 
+@pytest.fixture(scope="module")
+def lifecycles():
+    """Every spec's lifecycle facts, from one interpreter that imports the real packages once."""
+    return real_lifecycles(SPECS)
+
+
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.id)
-def test_real_target_lifecycle(spec):
-    assert_real_lifecycle(spec)
+def test_real_target_lifecycle(spec, lifecycles):
+    assert_lifecycle_facts(lifecycles[spec.id])
 
 
 def test_an_out_of_range_installed_version_is_refused_on_the_real_package(tmp_path):

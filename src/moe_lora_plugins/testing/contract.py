@@ -194,7 +194,7 @@ from moe_lora_plugins.activation import activate, get_registry
 from moe_lora_plugins.hooks.manager import get_plugin_manager
 from moe_lora_plugins.registry import _raw_attribute, _resolve_owner
 registry = get_registry(get_plugin_manager())
-spec = registry.spec(spec_id)
+spec = registry.spec(spec_id.split(",")[0])
 env = {"MOELORA_PATCHES": spec_id, "MOELORA_STRICT": "1" if strict else "0"}
 out = {"case": case, "spec": spec_id}
 
@@ -321,6 +321,29 @@ try:
             out["untouched"] = current() is before
         except AttributeError:
             out["untouched"] = before is None
+    elif case == "real_lifecycle_each":  # the real_lifecycle case for each listed spec alone, in turn
+        from moe_lora_plugins.activation import deactivate
+        out["each"] = {}
+        for one in spec_id.split(","):
+            spec, found = registry.spec(one), {}
+            out["each"][one] = found
+            try:
+                activate(environ={**env, "MOELORA_PATCHES": one})
+                found["status_before_import"] = registry.status(one).value
+                imp()
+                found["status"] = registry.status(one).value
+                found["detail"] = registry.detail(one)
+                if found["status"] == "applied":
+                    original = registry.original(one)
+                    found["replaced"] = current() is not original
+                    registry.revert(one)
+                    found["restored"] = current() is original
+                    registry.apply(one)
+                    found["reapplied"] = registry.status(one).value
+                deactivate()
+                found["restored_after_deactivate"] = current() is original if found["status"] == "applied" else None
+            except Exception as exc:
+                found["error"] = f"{type(exc).__name__}: {exc}"
     elif case == "real_lifecycle":
         activate(environ=env)
         out["status_before_import"] = registry.status(spec_id).value
@@ -403,6 +426,29 @@ def assert_real_lifecycle(spec: PatchSpec, prelude: str = "") -> None:
     assert r["status_before_import"] in ("pending", "applied")  # a prelude may import the target first
     assert r["status"] == "applied", r["detail"]
     assert (r["replaced"], r["restored"], r["reapplied"]) == (True, True, "applied")
+
+
+def real_lifecycles(specs: list[PatchSpec], prelude: str = "", timeout: float = 1200) -> dict[str, dict[str, Any]]:
+    """The :func:`assert_real_lifecycle` facts for every spec, gathered in ONE fresh interpreter.
+
+    Each spec is activated alone (``MOELORA_PATCHES`` names only it), checked, then the suite is
+    deactivated before the next one, so every patch must also revert exactly for the later ones to
+    see upstream's objects. Importing the real packages once instead of once per spec is what makes
+    the real-package contract affordable on a small CI machine.
+    """
+    r = run_case(",".join(s.id for s in specs), "real_lifecycle_each", real=True, prelude=prelude, timeout=timeout)
+    assert "error" not in r, r["error"] + r["stderr"]
+    return {patch_id: {**facts, "stderr": r["stderr"]} for patch_id, facts in r["each"].items()}
+
+
+def assert_lifecycle_facts(facts: dict[str, Any]) -> None:
+    """What :func:`real_lifecycles` found for one spec: applied, revert restores, re-applies, and
+    deactivation leaves upstream's object in place."""
+    assert "error" not in facts, facts["error"] + facts["stderr"]
+    assert facts["status_before_import"] in ("pending", "applied")  # an earlier spec may have imported it
+    assert facts["status"] == "applied", facts["detail"]
+    assert (facts["replaced"], facts["restored"], facts["reapplied"]) == (True, True, "applied")
+    assert facts["restored_after_deactivate"] is True
 
 
 def assert_real_out_of_range_refused(spec: PatchSpec, root: Path, prelude: str = "") -> None:
