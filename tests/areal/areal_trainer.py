@@ -17,13 +17,12 @@ import sys
 def main(job_file: str) -> None:
     with open(job_file) as f:
         job = json.load(f)
-    from safetensors.torch import load_file
-
     from areal.api import WeightUpdateMeta
     from areal.api.alloc_mode import ModelAllocation
     from areal.api.cli_args import InferenceEngineConfig
     from areal.engine.core.distributed import init_custom_process_group
     from areal.engine.vllm_remote import RemotevLLMEngine
+    from safetensors.torch import load_file
 
     from moe_lora_plugins.integrations.areal import send_adapter_update
 
