@@ -84,6 +84,10 @@ def _areal_update_weight_lora_xccl(areals_own: Any) -> Any:
             if group_name not in groups:
                 raise KeyError(f"no AReaL weight-update group {group_name!r} on this worker (it has "
                                f"{sorted(groups)}); the trainer initializes it with init_weights_update_group")
+            if len(groups) > 1:
+                raise ValueError(f"this worker has {len(groups)} AReaL weight-update groups (one per inference "
+                                 "pipeline stage); the adapter sync takes the whole adapter from one trainer rank "
+                                 "over one group: run the inference servers with pp_size 1")
             report = self.moelora_receive_adapter_on(groups[group_name], name, lora_int_id, [0])
         except Exception as exc:  # AReaL's contract: (False, message), which its server turns into HTTP 400
             return False, f"moe-lora-plugins adapter sync into {name!r} (LoRA id {lora_int_id}) failed: {exc}"
