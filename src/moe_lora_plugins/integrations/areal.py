@@ -84,10 +84,6 @@ def _areal_update_weight_lora_xccl(areals_own: Any) -> Any:
             if group_name not in groups:
                 raise KeyError(f"no AReaL weight-update group {group_name!r} on this worker (it has "
                                f"{sorted(groups)}); the trainer initializes it with init_weights_update_group")
-            if len(groups) > 1:
-                raise ValueError(f"this worker has {len(groups)} AReaL weight-update groups (one per inference "
-                                 "pipeline stage); the adapter sync takes the whole adapter from one trainer rank "
-                                 "over one group: run the inference servers with pp_size 1")
             report = self.moelora_receive_adapter_on(groups[group_name], name, lora_int_id, [0])
         except Exception as exc:  # AReaL's contract: (False, message), which its server turns into HTTP 400
             return False, f"moe-lora-plugins adapter sync into {name!r} (LoRA id {lora_int_id}) failed: {exc}"
@@ -135,6 +131,12 @@ def send_adapter_update(rollout_engine: Any, group: Any, meta: Any, adapter: Any
     if meta.version is None:
         raise ValueError("WeightUpdateMeta.version is None: set it to the training step (AReaL names the served "
                          "adapter by it)")
+    allocation = getattr(meta, "gen_allocation", None)
+    gen_pp = allocation.parallel.pp_size if allocation is not None else 1
+    if gen_pp > 1:
+        raise ValueError(f"the inference allocation has pp_size={gen_pp}: AReaL then makes one weight-update group "
+                         "per pipeline stage, while the adapter sync sends the whole adapter from one trainer rank "
+                         "over one group; run the inference servers with pp_size 1")
     missing = [k for k in ("r", "lora_alpha", "target_modules") if k not in config]
     if missing:
         raise ValueError(f"the adapter config lacks {missing}: pass the PEFT config (r, lora_alpha, target_modules)")
