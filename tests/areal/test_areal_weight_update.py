@@ -147,3 +147,23 @@ def test_areals_own_lora_update_is_untouched_without_the_announcement(engine):
     assert [tuple(r) for r in llm.collective_rpc("areal_set_weight_meta_lora", args=meta)] == [(True, "Success")]
     with pytest.raises(KeyError, match="Weight update group named `no-such-group` not found"):
         llm.collective_rpc("areal_update_weight_lora_xccl")
+
+
+@pytest.mark.parametrize(("meta_kwargs", "named"), [
+    ({"type": "disk", "use_lora": True, "version": 1}, "type='disk'"),
+    ({"type": "xccl", "use_lora": False, "version": 1}, "use_lora=False"),
+    ({"type": "xccl", "use_lora": True, "version": None}, "version is None"),
+    ({"type": "xccl", "use_lora": True, "version": 1, "gen_allocation": "vllm:d1p2"}, "pp_size=2"),
+])
+def test_send_adapter_update_refuses_what_it_cannot_carry_before_sending(engine, meta_kwargs, named):
+    """Refused before AReaL's client or the group are touched (both are None here)."""
+    from areal.api import WeightUpdateMeta
+    from areal.api.alloc_mode import ModelAllocation
+
+    from moe_lora_plugins.integrations.areal import send_adapter_update
+
+    kwargs = dict(meta_kwargs)
+    if "gen_allocation" in kwargs:
+        kwargs["gen_allocation"] = ModelAllocation.from_str(kwargs["gen_allocation"])
+    with pytest.raises(ValueError, match=named.replace("(", r"\(")):
+        send_adapter_update(None, None, WeightUpdateMeta(**kwargs), {}, config=tiny_models.adapter_config(False))
