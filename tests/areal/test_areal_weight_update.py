@@ -30,7 +30,6 @@ from tests.vllm import tiny_models
 
 pytestmark = pytest.mark.areal
 
-EXTENSION = "moe_lora_plugins.integrations.areal.AReaLMoeLoraWorkerExtension"
 TRAINER = os.path.join(os.path.dirname(__file__), "areal_trainer.py")
 
 # AReaL's route -> (worker method, payload fields in the order the route passes them)
@@ -77,14 +76,18 @@ def serve_areal_routes(llm):
     return server
 
 
+LORA_NAME, LORA_ID, DIRECT_ID = "areal-policy", 11, 12  # the lane shares one engine: ids of this module
+
+
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    model = tiny_models.build_tiny_model(str(tmp_path_factory.mktemp("dense-qwen3")), moe=False)
-    llm = helpers.start_engine(model, worker_extension_cls=EXTENSION)
+def engine(areal_engine):
+    llm, model = areal_engine  # the lane's one engine (tests/areal/conftest.py)
     server = serve_areal_routes(llm)
     yield llm, model, f"127.0.0.1:{server.server_address[1]}", server.answers
     server.shutdown()
-    helpers.stop_engine(llm)
+    for name in llm.collective_rpc("moelora_adapter_status")[0]:
+        if name.startswith(LORA_NAME):
+            llm.collective_rpc("moelora_remove_adapter", args=(name,))
 
 
 def run_trainer(tmp_path, server, model, updates):
@@ -95,8 +98,8 @@ def run_trainer(tmp_path, server, model, updates):
         path = str(tmp_path / f"adapter-v{version}.safetensors")
         save_file({k: v.clone().contiguous() for k, v in tensors.items()}, path)
         entries.append({"version": version, "adapter": path})
-    job = {"server": server, "port": helpers.free_port(), "group": "areal-weight-update", "lora_name": "policy",
-           "lora_int_id": 1, "base_model": model.path, "config": tiny_models.adapter_config(False),
+    job = {"server": server, "port": helpers.free_port(), "group": "areal-weight-update", "lora_name": LORA_NAME,
+           "lora_int_id": LORA_ID, "base_model": model.path, "config": tiny_models.adapter_config(False),
            "timeout_s": 60, "updates": entries}
     job_file = tmp_path / "job.json"
     job_file.write_text(json.dumps(job))
@@ -124,15 +127,16 @@ def test_areals_lora_update_carries_our_sync_and_a_failed_one_keeps_the_adapter(
     updates = [a for a in answers if a[0] == "/areal_update_weights_lora_xccl"]
     assert [a[1] for a in updates] == [200, 400]
     assert "moe-lora-plugins sync 1" in updates[0][2]
-    assert "moe-lora-plugins adapter sync into 'policy-v2'" in updates[1][2]
+    assert f"moe-lora-plugins adapter sync into '{LORA_NAME}-v2'" in updates[1][2]
     assert dropped.split("base_model.model.")[-1] in updates[1][2], updates[1][2]
-    status = llm.collective_rpc("moelora_adapter_status")[0]
-    assert status == {"policy-v1": {"lora_int_id": 1, "version": 1, "wire_bytes": status["policy-v1"]["wire_bytes"],
-                                    "loaded": True}}
+    status = {k: v for k, v in llm.collective_rpc("moelora_adapter_status")[0].items() if k.startswith(LORA_NAME)}
+    served_name = f"{LORA_NAME}-v1"
+    assert status == {served_name: {"lora_int_id": LORA_ID, "version": 1, "loaded": True,
+                                    "wire_bytes": status[served_name]["wire_bytes"]}}
 
     peft_dir = tiny_models.save_peft_dir(str(tmp_path / "peft"), good, tiny_models.adapter_config(False))
-    served = helpers.greedy(llm, lora_request("policy-v1", 1))
-    direct = helpers.greedy(llm, LoRARequest("policy-direct", 2, peft_dir))
+    served = helpers.greedy(llm, lora_request(served_name, LORA_ID))
+    direct = helpers.greedy(llm, LoRARequest(f"{LORA_NAME}-direct", DIRECT_ID, peft_dir))
     assert served.tokens == direct.tokens
     assert served.logprobs == direct.logprobs  # bitwise: Python floats from the same float32 values
     assert served.logprobs != helpers.greedy(llm).logprobs
