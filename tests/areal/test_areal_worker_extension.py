@@ -15,15 +15,10 @@ from tests.vllm import tiny_models
 
 pytestmark = pytest.mark.areal
 
-EXTENSION = "moe_lora_plugins.integrations.areal.AReaLMoeLoraWorkerExtension"
-
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    model = tiny_models.build_tiny_model(str(tmp_path_factory.mktemp("dense-qwen3")), moe=False)
-    llm = helpers.start_engine(model, worker_extension_cls=EXTENSION)
-    yield llm, model
-    helpers.stop_engine(llm)
+def engine(areal_engine):
+    return areal_engine  # the lane's one engine (tests/areal/conftest.py)
 
 
 def test_the_composed_class_is_areals_extension_and_ours(engine):

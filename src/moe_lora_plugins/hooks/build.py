@@ -26,12 +26,16 @@ class BuildConfig:
     """What a host seam hands to ``on_build_model``: its parsed arguments and what we read from them.
 
     ``lora`` is a ``moe_lora_plugins.lora_config.LoraConfig`` (or ``None``: no LoRA from us); ``args``
-    the host's own namespace or config object, for plugins that read more of it.
+    the host's own namespace or config object, for plugins that read more of it. ``moe_runtime`` is a
+    ``moe_lora_plugins.trainer.moe_runtime.MoeRuntimeConfig`` (or ``None``): the
+    ``megatron_bridge.moe_runtime_finalize`` patch applies it to every MoE provider before its
+    ``finalize()``.
     """
 
     args: Any = None
     lora: Any = None
     default_role: str = "actor"
+    moe_runtime: Any = None
 
 
 _lock = threading.Lock()
@@ -84,8 +88,10 @@ def pre_wrap_hook(provider: Any, config: BuildConfig, plugin_manager: Any = None
     return call_plugins
 
 
-def declare_build(lora: Any = None, *, args: Any = None, default_role: str = "actor") -> BuildConfig:
-    """Declare what this process's builds get (``lora``: a ``LoraConfig`` or ``None``); returns the config."""
-    config = BuildConfig(args=args, lora=lora, default_role=default_role)
+def declare_build(lora: Any = None, *, args: Any = None, default_role: str = "actor",
+                  moe_runtime: Any = None) -> BuildConfig:
+    """Declare what this process's builds get (``lora``: a ``LoraConfig`` or ``None``; ``moe_runtime``: a
+    ``MoeRuntimeConfig`` or ``None``); returns the config."""
+    config = BuildConfig(args=args, lora=lora, default_role=default_role, moe_runtime=moe_runtime)
     set_build_config(config)
     return config

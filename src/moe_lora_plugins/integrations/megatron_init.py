@@ -14,7 +14,16 @@ end of ``_initialize_megatron``; read at radixark/miles 31f1ca961). :func:`init`
    builds with ``provide_distributed_model`` reaches the plugins' ``on_build_model`` before DDP
    wrapping: the built-in ``lora_actor`` plugin gives the actor LoRA (not a reference or critic
    model, and not an actor the host already gave LoRA, as miles' own ``--lora-rank`` path does);
-4. registers a GLM-4.7-Flash bridge when the installed Megatron-Bridge lacks one.
+4. reads the five MoE runtime flags (``--moe-token-dispatcher-type``, ``--moe-router-load-balancing-type``,
+   ``--moe-grouped-gemm``, ``--moe-router-score-function``, ``--moe-router-enable-expert-bias``;
+   Megatron-LM's arguments, which slime and miles parse) into a validated ``MoeRuntimeConfig``: the
+   ``megatron_bridge.moe_runtime_finalize`` patch applies it to every MoE provider before its
+   ``finalize()``. In bridge mode (``--megatron-to-hf-mode bridge``) neither host passes them to the
+   provider it builds from the HF config: ``get_model_provider_func`` in
+   ``slime/backends/megatron_utils/model_provider.py`` (THUDM/slime 13c3a7537c47) and in
+   ``miles/backends/megatron_utils/model_provider.py`` (radixark/miles ef3bb705d981) set only the parallel
+   sizes and precision before ``provider.finalize()``. A flag at Megatron-Core's default counts as not given;
+5. registers a GLM-4.7-Flash bridge when the installed Megatron-Bridge lacks one.
 
 Building a model for another role: ``with moe_lora_plugins.hooks.build.building("reference"): ...``
 or set ``provider.moelora_role = "reference"`` before ``provide_distributed_model``.
@@ -67,11 +76,14 @@ def init(args: Any = None) -> None:
         return
     from moe_lora_plugins.hooks.build import declare_build
     from moe_lora_plugins.lora_config import apply_true_on_policy, validate_lora_config
+    from moe_lora_plugins.trainer.moe_runtime import MoeRuntimeConfig
 
     lora = lora_config_from_host_args(args)
     validate_lora_config(lora)
+    moe_runtime = MoeRuntimeConfig.from_host_args(args)
+    moe_runtime.validate()  # refused here, naming the flag and the accepted values, before any model exists
     apply_true_on_policy(lora)  # before any model is built: the patched ops read the switch at call time
-    declare_build(lora, args=args)
+    declare_build(lora, args=args, moe_runtime=None if moe_runtime.is_empty() else moe_runtime)
     if _megatron_bridge_importable():
         from moe_lora_plugins.trainer.glm_bridge import ensure_glm47_flash_bridge
 

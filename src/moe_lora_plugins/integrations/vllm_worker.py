@@ -54,6 +54,17 @@ def _engine_lora_dtype(worker: Any) -> Any:
     return getattr(torch, dtype)
 
 
+def _group_device(group: Any) -> str:
+    """Where a sync over ``group`` is staged: CUDA for an NCCL group, the CPU otherwise."""
+    if type(group).__name__ == "ProcessGroupNCCL":
+        return "cuda"
+    backend_name = getattr(group, "_get_backend_name", None) or getattr(group, "name", None)
+    try:
+        return "cuda" if callable(backend_name) and "nccl" in str(backend_name()).lower() else "cpu"
+    except Exception:  # a group object without a backend name: a CPU (gloo) group
+        return "cpu"
+
+
 def _lora_manager(worker: Any) -> Any:
     manager = getattr(worker.model_runner, "lora_manager", None)
     if manager is None:
@@ -92,17 +103,23 @@ class MoeLoraWorkerExtension:
                                 version: int | None = None) -> dict[str, Any]:
         """Receive one sync from ``senders`` (group ranks, in sender order), validate it, swap it in."""
         from moe_lora_plugins.sync.errors import AdapterSyncError
-        from moe_lora_plugins.sync.transport import receive_adapter
 
         if self.moelora_sync_group is None:
             raise RuntimeError("no sync group: call moelora_init_sync_group on every worker first")
-        device = "cuda" if type(self.moelora_sync_group).__name__ == "ProcessGroupNCCL" else "cpu"
         try:
-            received = receive_adapter(self.moelora_sync_group, list(senders), version=version, device=device)
+            return self.moelora_receive_adapter_on(self.moelora_sync_group, name, lora_int_id, senders, version)
         except AdapterSyncError as exc:
             # Messages may still be in flight on this group: it cannot carry another sync.
             self.moelora_sync_group = None
             raise type(exc)(f"{exc} The sync group was closed; call moelora_init_sync_group again.") from exc
+
+    def moelora_receive_adapter_on(self, group: Any, name: str, lora_int_id: int, senders: Sequence[int],
+                                   version: int | None = None) -> dict[str, Any]:
+        """Receive one sync over ``group`` (any process group holding this worker and the senders, e.g. a
+        host's own weight-update group), validate it and swap it in; the group is left to its owner."""
+        from moe_lora_plugins.sync.transport import receive_adapter
+
+        received = receive_adapter(group, list(senders), version=version, device=_group_device(group))
         if not received.config:
             raise ValueError(
                 f"sync {received.version} carried no adapter config: the trainer must pass config= (r, lora_alpha, "

@@ -18,6 +18,7 @@ SPEC_MODULES: tuple[str, ...] = (
     "moe_lora_plugins.patches.megatron_bridge.merge_adapter",
     "moe_lora_plugins.patches.megatron_bridge.weight_export",
     "moe_lora_plugins.patches.megatron_bridge.build_hooks",
+    "moe_lora_plugins.patches.megatron_bridge.moe_runtime_finalize",
     "moe_lora_plugins.patches.megatron_bridge.qwen3_moe_dense_layers",
     "moe_lora_plugins.patches.megatron_bridge.modelopt_probe",
     "moe_lora_plugins.patches.megatron_bridge.onpolicy_lora",

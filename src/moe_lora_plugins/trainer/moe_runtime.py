@@ -16,7 +16,7 @@ from typing import Any
 from moe_lora_plugins.errors import MoeLoraError
 
 TOKEN_DISPATCHERS = ("allgather", "alltoall", "flex")
-LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none")
+LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "quantile_balancing", "none")
 SCORE_FUNCTIONS = ("softmax", "sigmoid", "sqrtsoftplus")
 EXPERT_BIAS_SCORE_FUNCTIONS = ("sigmoid", "sqrtsoftplus")
 
@@ -27,6 +27,17 @@ PROVIDER_FIELDS = {
     "grouped_gemm": "moe_grouped_gemm",
     "router_score_function": "moe_router_score_function",
     "router_enable_expert_bias": "moe_router_enable_expert_bias",
+}
+
+
+# Megatron-Core's TransformerConfig defaults, which Megatron-LM's argument parser (slime, miles) puts on
+# the namespace when a flag is not given: read from host args, such a value means "not set".
+MEGATRON_DEFAULTS = {
+    "token_dispatcher_type": "allgather",
+    "router_load_balancing_type": "aux_loss",
+    "grouped_gemm": False,
+    "router_score_function": "softmax",
+    "router_enable_expert_bias": False,
 }
 
 
@@ -63,6 +74,25 @@ class MoeRuntimeConfig:
                     found[ours] = value
                     break
         return cls(**found)
+
+    @classmethod
+    def from_host_args(cls, args: Any) -> MoeRuntimeConfig:
+        """From a Megatron-LM namespace (slime / miles: ``--moe-token-dispatcher-type``,
+        ``--moe-router-load-balancing-type``, ``--moe-grouped-gemm``, ``--moe-router-score-function``,
+        ``--moe-router-enable-expert-bias``). A flag at Megatron-Core's default counts as not given, so
+        the provider keeps what the HF config gave it (a GLM checkpoint's sigmoid scores and expert bias
+        survive a launch line that does not mention them)."""
+        found = cls.from_mapping(args)
+        kept: dict[str, Any] = {}
+        for name in PROVIDER_FIELDS:
+            value = getattr(found, name)
+            default = MEGATRON_DEFAULTS[name]
+            if value is None or value == default or (isinstance(value, (list, tuple)) and list(value) == [default]):
+                continue
+            if isinstance(value, (list, tuple)):  # the parser's nargs='+': one type is given as the string
+                value = value[0] if len(value) == 1 else list(value)
+            kept[name] = value
+        return cls(**kept)
 
     def is_empty(self) -> bool:
         return all(getattr(self, f.name) is None for f in fields(self))
