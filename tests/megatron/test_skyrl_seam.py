@@ -28,7 +28,9 @@ Checked: without ``integrations.skyrl`` nothing of ours runs; with a worker clas
 adapters are there, none added), the MoE settings SkyRL resolves (``transformer_config_kwargs``
 included) are the declared ones and on the finalized provider, the reference model has no LoRA, and the
 patched adapter export of the SkyRL-built actor equals, name by name and bitwise, the export of the
-suite's own tiny build with the same LoRA.
+suite's own world-size-1 tiny build with the same LoRA: at world size 1 and on both ranks of
+expert-parallel 2 (gloo, 2 processes), where SkyRL's build without the integration misses the other
+rank's experts.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import pytest
 
 from moe_lora_plugins.hooks import hookimpl
 from moe_lora_plugins.testing.distributed import run_distributed
-from moe_lora_plugins.testing.tiny_models import tiny_qwen3_moe_config
+from moe_lora_plugins.testing.tiny_models import compare_exports, tiny_qwen3_moe_config
 
 pytestmark = pytest.mark.megatron
 
@@ -272,6 +274,7 @@ def seam_worker(hf_config: Any) -> dict[str, Any]:
     reference_export = run_export(reference, "adapter")
     comparison = compare_exports(reference_export, skyrl_export, label="skyrl")
     out["export"] = {"names": sorted(n for n, _ in skyrl_export), "equal": comparison.equal,
+                     "reference": reference_export,
                      "summary": comparison.summary(), "reference_summary": _summary(reference.model)}
 
     # 3. The reference worker, wrapped: role "reference", no LoRA.
@@ -295,9 +298,46 @@ def seam_worker(hf_config: Any) -> dict[str, Any]:
     return out
 
 
+def ep2_export_worker(hf_config: Any) -> dict[str, Any]:
+    """SkyRL's policy build at expert-parallel 2: the adapter export of SkyRL as it is, then of the worker
+    wrapped by ``moe_lora_worker`` (whose ``init_model`` activates the suite and declares the build)."""
+    import torch
+    from megatron.core import parallel_state
+
+    from moe_lora_plugins.hooks.build import set_build_config
+    from moe_lora_plugins.integrations.skyrl import moe_lora_worker
+    from moe_lora_plugins.testing.megatron_cpu import prepare_megatron_cpu
+    from moe_lora_plugins.testing.tiny_models import (
+        BuiltModel,
+        ParallelLayout,
+        fill_from_global_names,
+        run_export,
+    )
+
+    prepare_megatron_cpu()
+    parallel_state.initialize_model_parallel(expert_model_parallel_size=2)  # MegatronStrategy.setup_distributed
+    out: dict[str, Any] = {}
+    for phase, worker_cls in (("upstream", ReplayedPolicyWorker),
+                              ("patched", moe_lora_worker(ReplayedPolicyWorker, role="policy"))):
+        torch.manual_seed(1234)
+        worker = worker_cls(skyrl_trainer_cfg(expert_model_parallel_size=2), hf_config)
+        worker.init_model()
+        built = BuiltModel(bridge=worker.bridge, provider=worker.provider, model=worker.actor_module,
+                           layout=ParallelLayout(ep=2), lora=worker.lora_cls)
+        fill_from_global_names(built)
+        out[phase] = run_export(built, "adapter")
+    set_build_config(None)
+    return out
+
+
 @pytest.fixture(scope="module")
 def outcome() -> dict[str, Any]:
     return run_distributed(seam_worker, 1, (tiny_qwen3_moe_config(num_experts=4),), timeout_s=600)[0]
+
+
+@pytest.fixture(scope="module")
+def ep2() -> list[dict[str, Any]]:
+    return run_distributed(ep2_export_worker, 2, (tiny_qwen3_moe_config(num_experts=4),), timeout_s=600)
 
 
 def test_without_the_integration_nothing_of_ours_runs(outcome):
@@ -355,6 +395,15 @@ def test_the_patched_adapter_export_of_the_skyrl_built_actor_equals_the_suites_o
             prefix = f"model.layers.{layer}.mlp.experts.{expert}."
             assert any(n.startswith(prefix + "gate_proj") for n in names), prefix
             assert any(n.startswith(prefix + "down_proj") for n in names), prefix
+
+
+def test_under_expert_parallel_2_the_patched_export_of_skyrls_build_equals_world_size_1(outcome, ep2):
+    reference = outcome["export"]["reference"]
+    for rank, result in enumerate(ep2):
+        compare_exports(reference, result["patched"], f"skyrl ep2 rank {rank} adapter").assert_equal()
+    # SkyRL's build without the integration: upstream's export misses the other rank's experts
+    missing = compare_exports(reference, ep2[0]["upstream"]).missing
+    assert missing and {int(n.split(".experts.")[1].split(".")[0]) for n in missing} == {2, 3}
 
 
 def _cfg(**lora: Any) -> dict[str, Any]:
