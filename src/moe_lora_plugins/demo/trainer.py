@@ -19,15 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from moe_lora_plugins.demo.ranks import (
-    CpuTrainerRank,
-    TrainerRankError,
-    TrainerRankPool,
-    build_cpu_provider,
-    global_rank,
-    provide_cpu_model,
-)
-from moe_lora_plugins.demo.ranks import trainer_env as _ranks_env
+from moe_lora_plugins.demo import ranks
 
 # Patches the trainer processes must have applied, or they stop at start (MOELORA_REQUIRE).
 REQUIRED_TRAINER_PATCHES = (
@@ -40,7 +32,7 @@ REQUIRED_TRAINER_PATCHES = (
 )
 
 
-class TrainerError(TrainerRankError):
+class TrainerError(ranks.TrainerRankError):
     """A trainer rank failed; the message carries its traceback."""
 
 
@@ -116,7 +108,7 @@ def _lora_init(global_name: str, shape: Sequence[int], seed: int) -> Any:
     return torch.randn(tuple(shape), generator=generator) / float(shape[-1]) ** 0.5
 
 
-class TrainerRank(CpuTrainerRank):
+class TrainerRank(ranks.CpuTrainerRank):
     """The policy on one rank and the operations the demo runs on it."""
 
     settings: TrainerSettings
@@ -130,10 +122,10 @@ class TrainerRank(CpuTrainerRank):
         from moe_lora_plugins.lora_config import LoraConfig
 
         s = self.settings
-        self.bridge, provider = build_cpu_provider(s)
+        self.bridge, provider = ranks.build_cpu_provider(s)
         torch.manual_seed(s.seed)
         self.lora = LoraConfig(enabled=True, rank=s.lora_rank, alpha=s.lora_alpha, expert_adapters="per-expert")
-        self.model = provide_cpu_model(provider, self.lora)
+        self.model = ranks.provide_cpu_model(provider, self.lora)
         self.config = provider
         self._init_lora()
         self.params = [p for chunk in self.model for p in chunk.parameters() if p.requires_grad]
@@ -216,7 +208,7 @@ class TrainerRank(CpuTrainerRank):
             # The adapter that scored this batch, for layer_outputs(pre_step=True) if the on-policy gate trips.
             self._pre_step = [param.detach().clone() for param in self.params]
             self.optimizer.step()
-        result = StepResult(rank=global_rank(), seconds=time.perf_counter() - start)
+        result = StepResult(rank=ranks.global_rank(), seconds=time.perf_counter() - start)
         if store:
             order = [i for part in (indices[i::count] for i in range(count)) for i in part]
             result.sample_indices = order
@@ -310,9 +302,9 @@ class TrainerRank(CpuTrainerRank):
 
             mine = {n: t for n, t in tensors.items() if layer_of(n) in self.owned_layers()}
             adapter_bytes = sum(t.numel() * t.element_size() for t in encode(mine, dedupe="content").tensors.values())
-        result = SyncResult(rank=global_rank(), sender=self.sender, audit=audit, adapter_bytes=adapter_bytes)
+        result = SyncResult(rank=ranks.global_rank(), sender=self.sender, audit=audit, adapter_bytes=adapter_bytes)
         result.export_seconds = time.perf_counter() - start
-        if want_adapter and global_rank() == 0:
+        if want_adapter and ranks.global_rank() == 0:
             result.adapter = {name: t.detach().clone() for name, t in tensors.items()}
             result.config = config
         if self.sync_group is not None:
@@ -374,12 +366,12 @@ class _Microbatch:
 
 def _peft_config(tensors: Mapping[str, Any], alpha: float, base_model: str) -> dict[str, Any]:
     """The ``adapter_config.json`` of an exported adapter: rank from its LoRA A, targets from its module names."""
-    ranks = {int(t.shape[0]) for name, t in tensors.items() if ".lora_A." in name}
-    if len(ranks) != 1:
-        raise TrainerError(f"the exported adapter mixes LoRA ranks {sorted(ranks)}; the demo uses one rank")
+    lora_ranks = {int(t.shape[0]) for name, t in tensors.items() if ".lora_A." in name}
+    if len(lora_ranks) != 1:
+        raise TrainerError(f"the exported adapter mixes LoRA ranks {sorted(lora_ranks)}; the demo uses one rank")
     targets = sorted({name.split(".lora_")[0].rsplit(".", 1)[-1] for name in tensors})
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-            "r": ranks.pop(), "lora_alpha": alpha, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+            "r": lora_ranks.pop(), "lora_alpha": alpha, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
             "use_rslora": False, "target_modules": targets, "rank_pattern": {}, "alpha_pattern": {},
             "modules_to_save": None}
 
@@ -401,7 +393,7 @@ def _bridge_stream_agrees(stream: list[tuple[str, Any]], peft: Mapping[str, Any]
 # -------------------------------------------------------------------------------------------------
 
 
-class TrainerPool(TrainerRankPool):
+class TrainerPool(ranks.TrainerRankPool):
     """The demo's trainer ranks as spawned processes; :meth:`call` runs one command on every rank.
 
     ``env`` is each rank's whole environment (see :func:`trainer_env`); :meth:`wait_ready` waits for the
@@ -417,4 +409,4 @@ class TrainerPool(TrainerRankPool):
 def trainer_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment each trainer rank starts with: the suite on, role trainer, and the export patches
     required (except those the user switched off with ``MOELORA_DISABLED_PATCHES``, to see what they fix)."""
-    return _ranks_env(REQUIRED_TRAINER_PATCHES, base)
+    return ranks.trainer_env(REQUIRED_TRAINER_PATCHES, base)

@@ -23,15 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from moe_lora_plugins.demo.ranks import (
-    CpuTrainerRank,
-    TrainerRankError,
-    TrainerRankPool,
-    build_cpu_provider,
-    global_rank,
-    provide_cpu_model,
-)
-from moe_lora_plugins.demo.ranks import trainer_env as _ranks_env
+from moe_lora_plugins.demo import ranks
 from moe_lora_plugins.multilora.controller import AdapterSpec
 
 REQUIRED_TRAINER_PATCHES = (
@@ -41,7 +33,7 @@ REQUIRED_TRAINER_PATCHES = (
 )
 
 
-class MultiLoraTrainerError(TrainerRankError):
+class MultiLoraTrainerError(ranks.TrainerRankError):
     """A trainer rank failed or was asked for something it cannot do; the message says which and why."""
 
 
@@ -129,7 +121,7 @@ class _Microbatch:
         return logprobs.gather(-1, self.tokens[:, self.prompt_len :, None]).squeeze(-1)
 
 
-class MultiLoraTrainerRank(CpuTrainerRank):
+class MultiLoraTrainerRank(ranks.CpuTrainerRank):
     """The frozen base with its adapter slots on one rank, and the operations the driver runs on it."""
 
     settings: MultiTrainerSettings
@@ -153,9 +145,9 @@ class MultiLoraTrainerRank(CpuTrainerRank):
         # non-interleaved run). Unbatched p2p gives the non-interleaved result bitwise.
         if self.settings.vpp and not torch.cuda.is_available():
             overrides["batch_p2p_comm"] = False
-        self.bridge, provider = build_cpu_provider(self.settings, overrides)
+        self.bridge, provider = ranks.build_cpu_provider(self.settings, overrides)
         # Through the plugin layer: the multi_lora plugin's on_build_model wraps the targets before wrapping.
-        self.model = provide_cpu_model(provider, MultiLoraSetup())
+        self.model = ranks.provide_cpu_model(provider, MultiLoraSetup())
         self.config = provider
 
     # -- slots -----------------------------------------------------------------------------------
@@ -241,7 +233,7 @@ class MultiLoraTrainerRank(CpuTrainerRank):
             model=self.model if chunks > 1 else self.model[0],
             num_microbatches=len(micros), seq_length=batch.tokens.shape[1],
             micro_batch_size=self.settings.micro_batch_size, forward_only=not update)
-        result = MultiStepResult(rank=global_rank())
+        result = MultiStepResult(rank=ranks.global_rank())
         if update:
             self._reduce_gradients(present)
             for slot in present:
@@ -281,7 +273,7 @@ class MultiLoraTrainerRank(CpuTrainerRank):
         from moe_lora_plugins.multilora import checkpoint as ckpt
 
         spec = self._spec(slot)
-        rank, world = global_rank(), _world()
+        rank, world = ranks.global_rank(), _world()
         if rank == 0:
             ckpt.prepare(root, spec.name, step)
         _barrier()
@@ -312,11 +304,11 @@ class MultiLoraTrainerRank(CpuTrainerRank):
         saved = AdapterSpec.from_dict(ref.manifest["spec"])
         if saved != spec:
             raise MultiLoraTrainerError(f"{ref.path}: saved for {saved}, the slot holds {spec}")
-        payload = ckpt.read_shard(ref, global_rank(), _world())
+        payload = ckpt.read_shard(ref, ranks.global_rank(), _world())
         from moe_lora_plugins.multilora.megatron import adapter_parameters
 
         count = ckpt.load_weights(adapter_parameters(self.model, slot), payload["weights"],
-                                  f"adapter {spec.name!r} rank {global_rank()}")
+                                  f"adapter {spec.name!r} rank {ranks.global_rank()}")
         self.optimizers[slot].load_state_dict(payload["optimizer"])
         ckpt.restore_rng(payload["rng"])
         return {"manifest": ref.manifest, "tensors": count, "step": ref.step}
@@ -365,7 +357,7 @@ def _barrier() -> None:
         dist.barrier()
 
 
-class MultiLoraTrainerPool(TrainerRankPool):
+class MultiLoraTrainerPool(ranks.TrainerRankPool):
     """The trainer ranks as spawned processes, ready when built; :meth:`call` runs one command on every rank.
 
     ``env`` is the base of each rank's environment (:func:`trainer_env` adds the suite's switches)."""
@@ -385,4 +377,4 @@ class MultiLoraTrainerPool(TrainerRankPool):
 def trainer_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
     """Each rank's environment: the suite on, role trainer, the dense-layer patches required (except those
     the user switched off with ``MOELORA_DISABLED_PATCHES``)."""
-    return _ranks_env(REQUIRED_TRAINER_PATCHES, base)
+    return ranks.trainer_env(REQUIRED_TRAINER_PATCHES, base)
