@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -81,20 +80,13 @@ def _profile(built: Any) -> str:
 
 def run(rounds: int = 7, tiny: bool = False) -> dict[str, Any]:
     import torch
-    import torch.distributed as dist
 
     import moe_lora_plugins
-    from moe_lora_plugins.testing.distributed import free_port
+    from moe_lora_plugins.testing.distributed import init_single_process_group
     from moe_lora_plugins.testing.tiny_models import build_lora_model, fill_from_global_names
 
-    cuda = torch.cuda.is_available()
+    cuda = init_single_process_group()
     device = "cuda" if cuda else "cpu"
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-        dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
-    if cuda:
-        torch.cuda.set_device(0)
     if tiny:  # a CPU smoke run of this script
         from moe_lora_plugins.testing.tiny_models import tiny_qwen3_moe_config
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import sys
 
 import pytest
@@ -14,33 +13,18 @@ from moe_lora_plugins.sync.errors import AdapterSyncError
 from moe_lora_plugins.sync.sender import send_lora_adapter
 from moe_lora_plugins.sync.shm import SegmentRef, SharedPayloadReader, SharedPayloadWriter
 from moe_lora_plugins.sync.transport import new_sync_group, receive_adapter
+from moe_lora_plugins.testing.distributed import free_port
 
-CONFIG = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "up_proj"]}
-EXPERTS = 8
+from .sync_adapters import CONFIG, shared_expert_adapter
+
 SYNCS = 4
 
 pytestmark = pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs /dev/shm")
 
 
 def adapter(step: int) -> dict[str, torch.Tensor]:
-    """Two layers, attention LoRA and one expert adapter shared by every expert; values depend on ``step``."""
-    g = torch.Generator().manual_seed(100 + step)
-    out: dict[str, torch.Tensor] = {}
-    for layer in range(2):
-        head = f"base_model.model.model.layers.{layer}"
-        out[f"{head}.self_attn.q_proj.lora_A.weight"] = torch.randn(4, 64, generator=g).to(torch.bfloat16)
-        out[f"{head}.self_attn.q_proj.lora_B.weight"] = torch.randn(64, 4, generator=g).to(torch.bfloat16)
-        shared_a, shared_b = torch.randn(4, 64, generator=g), torch.randn(32, 4, generator=g)
-        for expert in range(EXPERTS):
-            out[f"{head}.mlp.experts.{expert}.up_proj.lora_A.weight"] = shared_a
-            out[f"{head}.mlp.experts.{expert}.up_proj.lora_B.weight"] = shared_b
-    return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """The adapter of sync ``step``: its values differ from step to step."""
+    return shared_expert_adapter(100 + step)
 
 
 def _sender(port: int, segments_seen: dict) -> None:

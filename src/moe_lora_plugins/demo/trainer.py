@@ -1,6 +1,7 @@
 """The demo's trainer: a Megatron-Bridge policy with LoRA in EP x PP gloo processes on the CPU.
 
-Each rank (a spawned process, see :class:`TrainerPool`) loads the tiny checkpoint through
+Each rank (a spawned process, see :class:`TrainerPool`; the process machinery is
+:mod:`moe_lora_plugins.demo.ranks`, shared with the multi-LoRA trainer) loads the tiny checkpoint through
 Megatron-Bridge into its share of the layout, gets LoRA through this suite's actor plugin
 (``on_build_model``), then serves commands: a GRPO-style step (recompute the rollout tokens'
 logprobs with Megatron's own pipeline schedule, policy-gradient loss, backward, gradient reduction
@@ -11,19 +12,14 @@ gather as the adapter; one sender per pipeline stage into the engine's sync grou
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import multiprocessing
-import os
-import queue
 import time
-import traceback
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from moe_lora_plugins.errors import MoeLoraError
+from moe_lora_plugins.demo import ranks
 
 # Patches the trainer processes must have applied, or they stop at start (MOELORA_REQUIRE).
 REQUIRED_TRAINER_PATCHES = (
@@ -36,7 +32,7 @@ REQUIRED_TRAINER_PATCHES = (
 )
 
 
-class TrainerError(MoeLoraError, RuntimeError):
+class TrainerError(ranks.TrainerRankError):
     """A trainer rank failed; the message carries its traceback."""
 
 
@@ -112,71 +108,31 @@ def _lora_init(global_name: str, shape: Sequence[int], seed: int) -> Any:
     return torch.randn(tuple(shape), generator=generator) / float(shape[-1]) ** 0.5
 
 
-class TrainerRank:
+class TrainerRank(ranks.CpuTrainerRank):
     """The policy on one rank and the operations the demo runs on it."""
 
-    def __init__(self, settings: TrainerSettings) -> None:
-        self.settings = settings
-        self.sync_group: Any = None
-        self.sender: int | None = None
-        self._build()
+    settings: TrainerSettings
+    # A failed command (an export audit, say) ends the rank: the engine waiting in the sync then sees the
+    # sender's connection close and stops at once, and the rank's own error says why.
+    serve_after_error = False
 
     def _build(self) -> None:
         import torch
 
-        from moe_lora_plugins.testing.megatron_cpu import prepare_megatron_cpu
+        from moe_lora_plugins.lora_config import LoraConfig
 
         s = self.settings
-        prepare_megatron_cpu()
-        from megatron.bridge import AutoBridge
-        from megatron.bridge.models.gpt_provider import local_layer_spec
-        from megatron.core import parallel_state
-
-        from moe_lora_plugins.demo import cpu_training
-        from moe_lora_plugins.lora_config import LoraConfig
-        from moe_lora_plugins.plugins.lora_actor import install_pre_wrap_hook
-
-        cpu_training.install()
-        self.bridge = AutoBridge.from_hf_pretrained(s.model_dir, torch_dtype=torch.float32)
-        provider = self.bridge.to_megatron_provider(load_weights=True)
-        provider.transformer_layer_spec = local_layer_spec
-        provider.use_cpu_initialization = True
-        provider.params_dtype = torch.float32
-        provider.bf16 = provider.fp16 = False
-        provider.pipeline_dtype = torch.float32
-        provider.autocast_dtype = None
-        provider.moe_token_dispatcher_type = "allgather"
-        provider.moe_grouped_gemm = False
-        for name in ("bias_activation_fusion", "bias_dropout_fusion", "masked_softmax_fusion", "persist_layer_norm",
-                     "apply_rope_fusion", "gradient_accumulation_fusion", "moe_permute_fusion",
-                     "cross_entropy_loss_fusion"):
-            if hasattr(provider, name):
-                setattr(provider, name, False)
-        provider.tensor_model_parallel_size = 1
-        provider.pipeline_model_parallel_size = s.pp
-        provider.virtual_pipeline_model_parallel_size = s.vpp
-        provider.expert_model_parallel_size = s.ep
-        provider.expert_tensor_parallel_size = 1
-        provider.sequence_parallel = False
-        provider.finalize()
-        parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=1,
-            pipeline_model_parallel_size=s.pp,
-            virtual_pipeline_model_parallel_size=s.vpp,
-            expert_model_parallel_size=s.ep,
-            expert_tensor_parallel_size=1,
-        )
+        self.bridge, provider = ranks.build_cpu_provider(s)
         torch.manual_seed(s.seed)
         self.lora = LoraConfig(enabled=True, rank=s.lora_rank, alpha=s.lora_alpha, expert_adapters="per-expert")
-        install_pre_wrap_hook(provider, role="actor", config=self.lora)
-        self.model = list(provider.provide_distributed_model(wrap_with_ddp=False, use_cpu_initialization=True,
-                                                             mixed_precision_wrapper=None))
+        self.model = ranks.provide_cpu_model(provider, self.lora)
         self.config = provider
         self._init_lora()
-        for chunk in self.model:
-            chunk.eval()  # dropout is 0 anyway; eval keeps the MoE auxiliary loss out of the policy gradient
         self.params = [p for chunk in self.model for p in chunk.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(self.params, lr=s.learning_rate)
+
+    def ready_info(self) -> dict[str, Any]:
+        return {**super().ready_info(), "lora_params": sum(p.numel() for p in self.params)}
 
     def _init_lora(self) -> None:
         import torch
@@ -252,7 +208,7 @@ class TrainerRank:
             # The adapter that scored this batch, for layer_outputs(pre_step=True) if the on-policy gate trips.
             self._pre_step = [param.detach().clone() for param in self.params]
             self.optimizer.step()
-        result = StepResult(rank=_rank(), seconds=time.perf_counter() - start)
+        result = StepResult(rank=ranks.global_rank(), seconds=time.perf_counter() - start)
         if store:
             order = [i for part in (indices[i::count] for i in range(count)) for i in part]
             result.sample_indices = order
@@ -287,13 +243,12 @@ class TrainerRank:
         dp_size = ps.get_data_parallel_world_size()
         batch = RolloutBatch(torch.tensor([tokens] * dp_size, dtype=torch.int64), len(tokens) - 1,
                              torch.zeros(dp_size), torch.zeros(dp_size, 1))
+        from moe_lora_plugins.topology.naming import unwrap_model_chunk
+
         captured: dict[int, Any] = {}
         handles = []
         for chunk in self.model:
-            module = chunk
-            while hasattr(module, "module") and not hasattr(module, "decoder"):
-                module = module.module
-            for layer in module.decoder.layers:
+            for layer in unwrap_model_chunk(chunk).decoder.layers:
                 def keep(mod: Any, args: Any, output: Any, index: int = layer.layer_number - 1) -> None:
                     hidden = output[0] if isinstance(output, tuple) else output
                     captured[index] = hidden[:, 0].detach().clone()
@@ -324,28 +279,6 @@ class TrainerRank:
 
     # -- export, audit and sync ------------------------------------------------------------------
 
-    def join_sync_group(self, host: str, port: int) -> int | None:
-        """The first rank of pipeline stage s becomes sender s of the engine's sync group (group rank s + 1;
-        the engine's worker is group rank 0). The other ranks take no part in the sync."""
-        from megatron.core import parallel_state as ps
-
-        from moe_lora_plugins.sync.transport import new_sync_group
-
-        if ps.get_data_parallel_rank() != 0 or ps.get_expert_model_parallel_rank() != 0:
-            return None
-        self.sender = ps.get_pipeline_model_parallel_rank()
-        self.sync_group = new_sync_group(host, port, self.sender + 1, self.settings.pp + 1, "gloo")
-        return self.sender
-
-    def owned_layers(self) -> list[int]:
-        layers = []
-        for chunk in self.model:
-            module = chunk
-            while hasattr(module, "module") and not hasattr(module, "decoder"):
-                module = module.module
-            layers += [layer.layer_number - 1 for layer in module.decoder.layers]
-        return sorted(layers)
-
     def export_and_send(self, version: int, want_adapter: bool) -> SyncResult:
         """Megatron-Bridge's patched, audited ``export_adapter_weights`` stream on this rank is what its stage
         sends (no gather of whole adapters); this suite's own gather is only an independent cross-check."""
@@ -369,9 +302,9 @@ class TrainerRank:
 
             mine = {n: t for n, t in tensors.items() if layer_of(n) in self.owned_layers()}
             adapter_bytes = sum(t.numel() * t.element_size() for t in encode(mine, dedupe="content").tensors.values())
-        result = SyncResult(rank=_rank(), sender=self.sender, audit=audit, adapter_bytes=adapter_bytes)
+        result = SyncResult(rank=ranks.global_rank(), sender=self.sender, audit=audit, adapter_bytes=adapter_bytes)
         result.export_seconds = time.perf_counter() - start
-        if want_adapter and _rank() == 0:
+        if want_adapter and ranks.global_rank() == 0:
             result.adapter = {name: t.detach().clone() for name, t in tensors.items()}
             result.config = config
         if self.sync_group is not None:
@@ -433,12 +366,12 @@ class _Microbatch:
 
 def _peft_config(tensors: Mapping[str, Any], alpha: float, base_model: str) -> dict[str, Any]:
     """The ``adapter_config.json`` of an exported adapter: rank from its LoRA A, targets from its module names."""
-    ranks = {int(t.shape[0]) for name, t in tensors.items() if ".lora_A." in name}
-    if len(ranks) != 1:
-        raise TrainerError(f"the exported adapter mixes LoRA ranks {sorted(ranks)}; the demo uses one rank")
+    lora_ranks = {int(t.shape[0]) for name, t in tensors.items() if ".lora_A." in name}
+    if len(lora_ranks) != 1:
+        raise TrainerError(f"the exported adapter mixes LoRA ranks {sorted(lora_ranks)}; the demo uses one rank")
     targets = sorted({name.split(".lora_")[0].rsplit(".", 1)[-1] for name in tensors})
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-            "r": ranks.pop(), "lora_alpha": alpha, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+            "r": lora_ranks.pop(), "lora_alpha": alpha, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
             "use_rslora": False, "target_modules": targets, "rank_pattern": {}, "alpha_pattern": {},
             "modules_to_save": None}
 
@@ -455,131 +388,25 @@ def _bridge_stream_agrees(stream: list[tuple[str, Any]], peft: Mapping[str, Any]
     return all(torch.equal(bridge[n], peft[n].to(bridge[n].dtype)) for n in peft)
 
 
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _rank_loop(rank: int, world: int, port: int, settings: TrainerSettings, commands: Any, results: Any,
-               env: Mapping[str, str], log_path: str | None) -> None:
-    if log_path:  # Megatron and Megatron-Bridge log a lot; the demo shows a summary and keeps the logs
-        log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.dup2(log, 1)
-        os.dup2(log, 2)
-    os.environ.update(env)
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
-    try:
-        import torch
-        import torch.distributed as dist
-
-        torch.set_num_threads(1)
-        from moe_lora_plugins.activation import activate, is_active
-
-        if not is_active():  # the .pth bootstrap activates when installed; a source checkout needs the call
-            activate(role="trainer")
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-        trainer = TrainerRank(settings)
-        results.put((rank, "ready", {"layers": trainer.owned_layers(),
-                                     "lora_params": sum(p.numel() for p in trainer.params)}))
-        while True:
-            command, args = commands.get()
-            if command == "stop":
-                break
-            results.put((rank, command, getattr(trainer, command)(*args)))
-    except BaseException:
-        results.put((rank, "error", traceback.format_exc()))
-    finally:
-        with contextlib.suppress(Exception):
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
-
-
 # -------------------------------------------------------------------------------------------------
 # In the demo's main process
 # -------------------------------------------------------------------------------------------------
 
 
-class TrainerPool:
-    """The trainer ranks as spawned processes; :meth:`call` runs one command on every rank."""
+class TrainerPool(ranks.TrainerRankPool):
+    """The demo's trainer ranks as spawned processes; :meth:`call` runs one command on every rank.
 
-    def __init__(self, settings: TrainerSettings, env: Mapping[str, str], log_dir: str | None = None,
-                 timeout_s: float = 600.0) -> None:
-        from moe_lora_plugins.testing.distributed import free_port
+    ``env`` is each rank's whole environment (see :func:`trainer_env`); :meth:`wait_ready` waits for the
+    ranks to be built, so the caller can start the engine meanwhile."""
 
-        self.settings = settings
-        self.timeout_s = timeout_s
-        ctx = multiprocessing.get_context("spawn")
-        self._results = ctx.Queue()
-        self._commands = [ctx.Queue() for _ in range(settings.world_size)]
-        port = free_port()
-        self._procs = [
-            ctx.Process(target=_rank_loop, name=f"moelora-demo-trainer{rank}",
-                        args=(rank, settings.world_size, port, settings, self._commands[rank], self._results,
-                              dict(env), os.path.join(log_dir, f"trainer-rank{rank}.log") if log_dir else None))
-            for rank in range(settings.world_size)
-        ]
-        for proc in self._procs:
-            proc.start()
-        self.info: list[Any] = []
-
-    def wait_ready(self) -> list[Any]:
-        self.info = self._collect("ready")
-        return self.info
-
-    def send(self, command: str, *args: Any) -> None:
-        for q in self._commands:
-            q.put((command, args))
-
-    def call(self, command: str, *args: Any) -> list[Any]:
-        self.send(command, *args)
-        return self._collect(command)
-
-    def collect(self, command: str) -> list[Any]:
-        return self._collect(command)
-
-    def _collect(self, command: str) -> list[Any]:
-        out: dict[int, Any] = {}
-        deadline = time.monotonic() + self.timeout_s
-        while len(out) < len(self._procs):
-            try:
-                rank, kind, payload = self._results.get(timeout=1.0)
-            except queue.Empty:
-                dead = [r for r, p in enumerate(self._procs) if not p.is_alive() and r not in out]
-                if dead:
-                    raise TrainerError(f"trainer rank(s) {dead} exited (codes "
-                                       f"{[self._procs[r].exitcode for r in dead]}) during '{command}'") from None
-                if time.monotonic() > deadline:
-                    raise TrainerError(f"trainer '{command}' did not finish within {self.timeout_s:.0f} s") from None
-                continue
-            if kind == "error":
-                last = payload.strip().splitlines()[-1] if payload.strip() else "no traceback"
-                raise TrainerError(f"trainer rank {rank} failed during '{command}': {last}\n\n{payload}")
-            out[rank] = payload
-        return [out[r] for r in range(len(self._procs))]
-
-    def stop(self) -> None:
-        for q in self._commands:
-            with contextlib.suppress(Exception):
-                q.put(("stop", ()))
-        for proc in self._procs:
-            proc.join(10)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
+    rank_class = TrainerRank
+    error_class = TrainerError
+    process_name = "moelora-demo-trainer"
+    log_name = "trainer-rank"
+    stop_timeout_s = 10.0
 
 
 def trainer_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment each trainer rank starts with: the suite on, role trainer, and the export patches
     required (except those the user switched off with ``MOELORA_DISABLED_PATCHES``, to see what they fix)."""
-    from moe_lora_plugins.envs import parse_id_list
-
-    env = dict(base or {})
-    disabled = set(parse_id_list(env.get("MOELORA_DISABLED_PATCHES")))
-    env.update({"MOELORA_PLUGINS": "on", "MOELORA_ROLE": "trainer",
-                "MOELORA_REQUIRE": ",".join(p for p in REQUIRED_TRAINER_PATCHES if p not in disabled),
-                "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
-    return env
+    return ranks.trainer_env(REQUIRED_TRAINER_PATCHES, base)

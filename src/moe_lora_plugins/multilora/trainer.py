@@ -1,6 +1,7 @@
 """The multi-LoRA trainer: several adapters on one frozen Megatron-Bridge MoE policy, in gloo processes.
 
-Each rank (a spawned process, :class:`MultiLoraTrainerPool`) loads the checkpoint through
+Each rank (a spawned process, :class:`MultiLoraTrainerPool`; the process machinery is
+:mod:`moe_lora_plugins.demo.ranks`, shared with the demo's trainer) loads the checkpoint through
 Megatron-Bridge into its share of the EP x PP layout with the local layer spec, wraps every LoRA target
 (experts included) with :func:`~moe_lora_plugins.multilora.megatron.apply_multi_lora`, then serves
 commands: materialise / remove an adapter in a slot (its own Adam), a policy-gradient step over a batch
@@ -16,18 +17,13 @@ step are reduced and stepped.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import multiprocessing
-import os
-import queue
 import time
-import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from moe_lora_plugins.errors import MoeLoraError
+from moe_lora_plugins.demo import ranks
 from moe_lora_plugins.multilora.controller import AdapterSpec
 
 REQUIRED_TRAINER_PATCHES = (
@@ -37,7 +33,7 @@ REQUIRED_TRAINER_PATCHES = (
 )
 
 
-class MultiLoraTrainerError(MoeLoraError, RuntimeError):
+class MultiLoraTrainerError(ranks.TrainerRankError):
     """A trainer rank failed or was asked for something it cannot do; the message says which and why."""
 
 
@@ -125,74 +121,34 @@ class _Microbatch:
         return logprobs.gather(-1, self.tokens[:, self.prompt_len :, None]).squeeze(-1)
 
 
-class MultiLoraTrainerRank:
+class MultiLoraTrainerRank(ranks.CpuTrainerRank):
     """The frozen base with its adapter slots on one rank, and the operations the driver runs on it."""
 
+    settings: MultiTrainerSettings
+
     def __init__(self, settings: MultiTrainerSettings) -> None:
-        self.settings = settings
         self.specs: dict[int, AdapterSpec] = {}
         self.optimizers: dict[int, Any] = {}
-        self.sync_group: Any = None
-        self.sender: int | None = None
-        self._build()
+        super().__init__(settings)
 
     def _build(self) -> None:
         import torch
 
-        from moe_lora_plugins.testing.megatron_cpu import prepare_megatron_cpu
-
-        s = self.settings
-        prepare_megatron_cpu()
-        from megatron.bridge import AutoBridge
-        from megatron.bridge.models.gpt_provider import local_layer_spec
-        from megatron.core import parallel_state
-
-        from moe_lora_plugins.demo import cpu_training
         from moe_lora_plugins.multilora.megatron import MultiLoraSetup
-        from moe_lora_plugins.plugins.lora_actor import install_pre_wrap_hook
 
-        cpu_training.install()
-        self.bridge = AutoBridge.from_hf_pretrained(s.model_dir, torch_dtype=torch.float32)
-        provider = self.bridge.to_megatron_provider(load_weights=True)
-        provider.transformer_layer_spec = local_layer_spec
-        provider.use_cpu_initialization = True
-        provider.params_dtype = torch.float32
-        provider.bf16 = provider.fp16 = False
-        provider.pipeline_dtype = torch.float32
-        provider.autocast_dtype = None
-        provider.moe_token_dispatcher_type = "allgather"
-        provider.moe_grouped_gemm = False
-        for name in ("bias_activation_fusion", "bias_dropout_fusion", "masked_softmax_fusion", "persist_layer_norm",
-                     "apply_rope_fusion", "gradient_accumulation_fusion", "moe_permute_fusion",
-                     "cross_entropy_loss_fusion"):
-            if hasattr(provider, name):
-                setattr(provider, name, False)
-        provider.tensor_model_parallel_size = 1
-        provider.pipeline_model_parallel_size = s.pp
-        provider.virtual_pipeline_model_parallel_size = s.vpp
-        provider.expert_model_parallel_size = s.ep
-        provider.expert_tensor_parallel_size = 1
-        provider.sequence_parallel = False
         # Each microbatch's loss is already normalised by its adapter's token count: no division by the
         # number of microbatches (which differs between a mixed step and an adapter's steps alone).
-        provider.calculate_per_token_loss = True
+        overrides: dict[str, Any] = {"calculate_per_token_loss": True}
         # With virtual stages and PP = 2 the previous and next stage are one rank, and the interleaved schedule's
         # batched p2p (batch_isend_irecv) then has an activation and a gradient in flight to that rank at once;
         # on gloo they were matched wrongly (an adapter's parameters after a 4-microbatch step differed from the
         # non-interleaved run). Unbatched p2p gives the non-interleaved result bitwise.
-        if s.vpp and not torch.cuda.is_available():
-            provider.batch_p2p_comm = False
-        provider.finalize()
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=s.pp,
-                                                 virtual_pipeline_model_parallel_size=s.vpp,
-                                                 expert_model_parallel_size=s.ep, expert_tensor_parallel_size=1)
+        if self.settings.vpp and not torch.cuda.is_available():
+            overrides["batch_p2p_comm"] = False
+        self.bridge, provider = ranks.build_cpu_provider(self.settings, overrides)
         # Through the plugin layer: the multi_lora plugin's on_build_model wraps the targets before wrapping.
-        install_pre_wrap_hook(provider, role="actor", config=MultiLoraSetup())
-        self.model = list(provider.provide_distributed_model(wrap_with_ddp=False, use_cpu_initialization=True,
-                                                             mixed_precision_wrapper=None))
+        self.model = ranks.provide_cpu_model(provider, MultiLoraSetup())
         self.config = provider
-        for chunk in self.model:
-            chunk.eval()  # dropout is 0; eval keeps the MoE auxiliary loss out of the policy gradient
 
     # -- slots -----------------------------------------------------------------------------------
 
@@ -277,7 +233,7 @@ class MultiLoraTrainerRank:
             model=self.model if chunks > 1 else self.model[0],
             num_microbatches=len(micros), seq_length=batch.tokens.shape[1],
             micro_batch_size=self.settings.micro_batch_size, forward_only=not update)
-        result = MultiStepResult(rank=_rank())
+        result = MultiStepResult(rank=ranks.global_rank())
         if update:
             self._reduce_gradients(present)
             for slot in present:
@@ -317,7 +273,7 @@ class MultiLoraTrainerRank:
         from moe_lora_plugins.multilora import checkpoint as ckpt
 
         spec = self._spec(slot)
-        rank, world = _rank(), _world()
+        rank, world = ranks.global_rank(), _world()
         if rank == 0:
             ckpt.prepare(root, spec.name, step)
         _barrier()
@@ -348,11 +304,11 @@ class MultiLoraTrainerRank:
         saved = AdapterSpec.from_dict(ref.manifest["spec"])
         if saved != spec:
             raise MultiLoraTrainerError(f"{ref.path}: saved for {saved}, the slot holds {spec}")
-        payload = ckpt.read_shard(ref, _rank(), _world())
+        payload = ckpt.read_shard(ref, ranks.global_rank(), _world())
         from moe_lora_plugins.multilora.megatron import adapter_parameters
 
         count = ckpt.load_weights(adapter_parameters(self.model, slot), payload["weights"],
-                                  f"adapter {spec.name!r} rank {_rank()}")
+                                  f"adapter {spec.name!r} rank {ranks.global_rank()}")
         self.optimizers[slot].load_state_dict(payload["optimizer"])
         ckpt.restore_rng(payload["rng"])
         return {"manifest": ref.manifest, "tensors": count, "step": ref.step}
@@ -375,23 +331,6 @@ class MultiLoraTrainerRank:
             return None
         return {"tensors": {n: t.clone() for n, t in adapter.tensors.items()}, "config": adapter.peft_config()}
 
-    def join_sync_group(self, host: str, port: int) -> int | None:
-        """The first rank of pipeline stage s becomes sender s (group rank s + 1; the engine worker is 0)."""
-        from megatron.core import parallel_state as ps
-
-        from moe_lora_plugins.sync.transport import new_sync_group
-
-        if ps.get_data_parallel_rank() != 0 or ps.get_expert_model_parallel_rank() != 0:
-            return None
-        self.sender = ps.get_pipeline_model_parallel_rank()
-        self.sync_group = new_sync_group(host, port, self.sender + 1, self.settings.pp + 1, "gloo")
-        return self.sender
-
-    def owned_layers(self) -> list[int]:
-        from moe_lora_plugins.topology.naming import unwrap_model_chunk
-
-        return sorted(layer.layer_number - 1 for chunk in self.model for layer in unwrap_model_chunk(chunk).decoder.layers)
-
     def send_adapter(self, slot: int, version: int) -> int:
         """Gather ``slot``'s adapter and send this stage's layers to the engine (senders only). Collective."""
         from moe_lora_plugins.multilora.megatron import gather_adapter_of_slot
@@ -403,12 +342,6 @@ class MultiLoraTrainerRank:
         report = send_lora_adapter(adapter, self.sync_group, [0], sender=self.sender, version=version,
                                    layers=self.owned_layers())
         return int(report.payload_bytes)
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def _world() -> int:
@@ -424,127 +357,24 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _rank_loop(rank: int, world: int, port: int, settings: MultiTrainerSettings, commands: Any, results: Any,
-               env: Mapping[str, str], log_path: str | None) -> None:
-    if log_path:
-        log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.dup2(log, 1)
-        os.dup2(log, 2)
-    os.environ.update(env)
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
-    try:
-        import torch
-        import torch.distributed as dist
+class MultiLoraTrainerPool(ranks.TrainerRankPool):
+    """The trainer ranks as spawned processes, ready when built; :meth:`call` runs one command on every rank.
 
-        torch.set_num_threads(1)
-        from moe_lora_plugins.activation import activate, is_active
+    ``env`` is the base of each rank's environment (:func:`trainer_env` adds the suite's switches)."""
 
-        if not is_active():
-            activate(role="trainer")
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-        trainer = MultiLoraTrainerRank(settings)
-        results.put((rank, "ready", {"pid": os.getpid(), "layers": trainer.owned_layers()}))
-        while True:
-            command, args = commands.get()
-            if command == "stop":
-                break
-            try:  # a refused command (bad slot, missing checkpoint) is reported; the rank keeps serving
-                results.put((rank, command, getattr(trainer, command)(*args)))
-            except Exception:
-                results.put((rank, "error", traceback.format_exc()))
-    except BaseException:
-        results.put((rank, "error", traceback.format_exc()))
-    finally:
-        with contextlib.suppress(Exception):
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
-
-
-class MultiLoraTrainerPool:
-    """The trainer ranks as spawned processes; :meth:`call` runs one command on every rank."""
+    rank_class = MultiLoraTrainerRank
+    error_class = MultiLoraTrainerError
+    process_name = "moelora-multilora-trainer"
+    log_name = "multilora-rank"
+    stop_timeout_s = 20.0
 
     def __init__(self, settings: MultiTrainerSettings, env: Mapping[str, str] | None = None,
                  log_dir: str | None = None, timeout_s: float = 600.0) -> None:
-        from moe_lora_plugins.testing.distributed import free_port
-
-        self.settings = settings
-        self.timeout_s = timeout_s
-        ctx = multiprocessing.get_context("spawn")
-        self._results = ctx.Queue()
-        self._commands = [ctx.Queue() for _ in range(settings.world_size)]
-        port = free_port()
-        self.procs = [
-            ctx.Process(target=_rank_loop, name=f"moelora-multilora-trainer{rank}",
-                        args=(rank, settings.world_size, port, settings, self._commands[rank], self._results,
-                              dict(trainer_env(env)),
-                              os.path.join(log_dir, f"multilora-rank{rank}.log") if log_dir else None))
-            for rank in range(settings.world_size)
-        ]
-        for proc in self.procs:
-            proc.start()
-        self.info = self._collect("ready")
-
-    def call(self, command: str, *args: Any) -> list[Any]:
-        self.send(command, *args)
-        return self._collect(command)
-
-    def send(self, command: str, *args: Any) -> None:
-        """Start ``command`` on every rank without waiting (for a sync the engine receives meanwhile)."""
-        for q in self._commands:
-            q.put((command, args))
-
-    def collect(self, command: str) -> list[Any]:
-        """Every rank's answer to a command started with :meth:`send`."""
-        return self._collect(command)
-
-    def _collect(self, command: str, grace_s: float = 30.0) -> list[Any]:
-        """Every rank's answer to ``command``. When a rank fails, the others' answers are still read (up to
-        ``grace_s`` more), so none is left behind to be taken for the answer to a later command."""
-        out: dict[int, Any] = {}
-        errors: dict[int, str] = {}
-        deadline = time.monotonic() + self.timeout_s
-        while len(out) + len(errors) < len(self.procs):
-            try:
-                rank, kind, payload = self._results.get(timeout=1.0)
-            except queue.Empty:
-                dead = [r for r, p in enumerate(self.procs) if not p.is_alive() and r not in out and r not in errors]
-                if dead:
-                    raise MultiLoraTrainerError(f"trainer rank(s) {dead} exited (codes "
-                                                f"{[self.procs[r].exitcode for r in dead]}) during '{command}'") from None
-                if time.monotonic() > deadline:
-                    if errors:
-                        break
-                    raise MultiLoraTrainerError(f"'{command}' did not finish within {self.timeout_s:.0f} s") from None
-                continue
-            if kind == "error":
-                errors[rank] = payload
-                deadline = min(deadline, time.monotonic() + grace_s)
-            else:
-                out[rank] = payload
-        if errors:
-            rank = min(errors)
-            last = errors[rank].strip().splitlines()[-1] if errors[rank].strip() else "no traceback"
-            raise MultiLoraTrainerError(f"trainer rank {rank} failed during '{command}': {last}\n\n{errors[rank]}")
-        return [out[r] for r in range(len(self.procs))]
-
-    def stop(self) -> None:
-        for q in self._commands:
-            with contextlib.suppress(Exception):
-                q.put(("stop", ()))
-        for proc in self.procs:
-            proc.join(20)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
+        super().__init__(settings, trainer_env(env), log_dir=log_dir, timeout_s=timeout_s)
+        self.wait_ready()
 
 
 def trainer_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Each rank's environment: the suite on, role trainer, the dense-layer patches required."""
-    env = dict(base or {})
-    env.update({"MOELORA_PLUGINS": "on", "MOELORA_ROLE": "trainer",
-                "MOELORA_REQUIRE": ",".join(REQUIRED_TRAINER_PATCHES),
-                "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
-    return env
+    """Each rank's environment: the suite on, role trainer, the dense-layer patches required (except those
+    the user switched off with ``MOELORA_DISABLED_PATCHES``)."""
+    return ranks.trainer_env(REQUIRED_TRAINER_PATCHES, base)

@@ -5,7 +5,7 @@ Tests and benchmarks use it to run the same code under several parallel layouts:
 initialises the process group in each, calls ``fn(*args)`` and returns every rank's result in rank
 order. Results travel back through ``torch.save`` files, so tensors are fine. If any rank raises,
 :class:`DistributedRunError` carries each failing rank's traceback; a rank that hangs is killed after
-``timeout_s``.
+``timeout_s``. :func:`init_single_process_group` makes the calling process a world of one instead.
 """
 
 from __future__ import annotations
@@ -35,6 +35,23 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def init_single_process_group() -> bool:
+    """Make this process a world of one (rank 0 on 127.0.0.1), unless a group is already initialised: NCCL on
+    GPU 0 when CUDA is available, gloo otherwise. For benchmarks that build a model in-process. Returns
+    whether CUDA is in use."""
+    import torch
+    import torch.distributed as dist
+
+    cuda = torch.cuda.is_available()
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
+    if cuda:
+        torch.cuda.set_device(0)
+    return cuda
 
 
 def _rank_main(

@@ -10,6 +10,7 @@ are out of scope: they are refused with a clear error.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from moe_lora_plugins.registry import PatchSpec
@@ -157,6 +158,65 @@ class _LoRABuffers:
         return buffer[slot, 0 if buffer.shape[1] == 1 else expert]
 
 
+def _routed_rows(local_ids: Any, num_experts: int) -> Iterator[tuple[int, Any, Any]]:
+    """``(expert, rows, tokens)`` for every local expert with routed tokens, in expert order: ``rows`` index the
+    flattened (tokens x top_k) routing, ``tokens`` the token of each row."""
+    import torch
+
+    num_tokens, top_k = local_ids.shape
+    flat_ids = local_ids.reshape(-1)
+    flat_tokens = torch.arange(num_tokens, device=local_ids.device).repeat_interleave(top_k)
+    for expert in range(num_experts):
+        rows = (flat_ids == expert).nonzero(as_tuple=True)[0]
+        if rows.numel():
+            yield expert, rows, flat_tokens[rows]
+
+
+def _expert_mlp(
+    expert_in: Any,
+    w1: Any,
+    w2: Any,
+    expert: int,
+    slots: Any | None,
+    lora: _LoRABuffers | None,
+    *,
+    linear: Callable[[Any, Any], Any],
+    lora_delta: Callable[[Any, Any, Any], Any],
+    activate: Callable[[Any], Any],
+) -> Any:
+    """One expert over its routed rows: ``w2 act(w1 x + dW13 x) + dW2 act(...)``, each LoRA delta added to the
+    rows of its slot (``slots``: the slot of every row, ``None`` without LoRA). ``w1`` / ``w2`` are all experts'
+    weights; ``linear(x, w)`` is ``x w^T`` and ``lora_delta(x, a, b)`` is ``(x a^T) b^T``, in the caller's
+    arithmetic."""
+    half = w1.shape[1] // 2
+    gate_up = linear(expert_in, w1[expert])
+    active = [] if slots is None else [s for s in slots.unique().tolist() if lora.slot_active(s)]
+    for slot in active:
+        pick = (slots == slot).nonzero(as_tuple=True)[0]
+        for index, (a, b) in enumerate(zip(lora.w13_a, lora.w13_b, strict=True)):
+            b_e = lora.expert(b, slot, expert)
+            start = index * half if len(lora.w13_a) == 2 else 0
+            delta = lora_delta(expert_in[pick], lora.expert(a, slot, expert), b_e)
+            gate_up[pick, start : start + b_e.shape[0]] += delta.to(gate_up.dtype)
+    hidden = activate(gate_up)
+    expert_out = linear(hidden, w2[expert])
+    for slot in active:
+        pick = (slots == slot).nonzero(as_tuple=True)[0]
+        delta = lora_delta(hidden[pick], lora.expert(lora.w2_a, slot, expert), lora.expert(lora.w2_b, slot, expert))
+        expert_out[pick] += delta.to(expert_out.dtype)
+    return expert_out
+
+
+def _float32_linear(x: Any, weight: Any) -> Any:
+    import torch
+
+    return x @ weight.to(torch.float32).t()
+
+
+def _float32_lora_delta(x: Any, lora_a: Any, lora_b: Any) -> Any:
+    return _float32_linear(_float32_linear(x, lora_a), lora_b)
+
+
 def expert_forward_with_lora(
     hidden_states: Any,
     w1: Any,
@@ -177,45 +237,14 @@ def expert_forward_with_lora(
     """
     import torch
 
-    num_tokens, top_k = local_ids.shape
     compute_dtype = torch.float32
     x = hidden_states.to(compute_dtype)
-    result = torch.zeros(num_tokens, w2.shape[1], dtype=compute_dtype, device=x.device)
-    flat_ids = local_ids.reshape(-1)
-    flat_tokens = torch.arange(num_tokens, device=x.device).repeat_interleave(top_k)
+    result = torch.zeros(local_ids.shape[0], w2.shape[1], dtype=compute_dtype, device=x.device)
     flat_weights = topk_weights.reshape(-1).to(compute_dtype)
-    half = w1.shape[1] // 2
-    for expert in range(w1.shape[0]):
-        rows = (flat_ids == expert).nonzero(as_tuple=True)[0]
-        if rows.numel() == 0:
-            continue
-        tokens = flat_tokens[rows]
-        expert_in = x[tokens]
-        gate_up = expert_in @ w1[expert].to(compute_dtype).t()
-        slots = None
-        if lora is not None and token_slots is not None:
-            slots = token_slots[tokens]
-            for slot in slots.unique().tolist():
-                if not lora.slot_active(slot):
-                    continue
-                pick = (slots == slot).nonzero(as_tuple=True)[0]
-                for index, (a, b) in enumerate(zip(lora.w13_a, lora.w13_b, strict=True)):
-                    a_e = lora.expert(a, slot, expert).to(compute_dtype)
-                    b_e = lora.expert(b, slot, expert).to(compute_dtype)
-                    delta = (expert_in[pick] @ a_e.t()) @ b_e.t()
-                    width = b_e.shape[0]
-                    start = index * half if len(lora.w13_a) == 2 else 0
-                    gate_up[pick, start : start + width] += delta
-        hidden = activate(gate_up)
-        expert_out = hidden @ w2[expert].to(compute_dtype).t()
-        if slots is not None:
-            for slot in slots.unique().tolist():
-                if not lora.slot_active(slot):
-                    continue
-                pick = (slots == slot).nonzero(as_tuple=True)[0]
-                a_e = lora.expert(lora.w2_a, slot, expert).to(compute_dtype)
-                b_e = lora.expert(lora.w2_b, slot, expert).to(compute_dtype)
-                expert_out[pick] += (hidden[pick] @ a_e.t()) @ b_e.t()
+    with_lora = lora is not None and token_slots is not None
+    for expert, rows, tokens in _routed_rows(local_ids, w1.shape[0]):
+        expert_out = _expert_mlp(x[tokens], w1, w2, expert, token_slots[tokens] if with_lora else None, lora,
+                                 linear=_float32_linear, lora_delta=_float32_lora_delta, activate=activate)
         if not apply_router_weight_on_input:
             expert_out = expert_out * flat_weights[rows].unsqueeze(1)
         result.index_add_(0, tokens, expert_out)
@@ -233,37 +262,14 @@ def onpolicy_expert_forward(
 ) -> Any:
     """True-on-policy experts: every (token, slot) through :mod:`moe_lora_plugins.onpolicy.ops` (base + LoRA
     delta per projection, SwiGLU), then the top-k combine in slot order; float32 ``[tokens, hidden]``."""
-    import torch
-
     from moe_lora_plugins.onpolicy import ops
 
     num_tokens, top_k = local_ids.shape
-    flat_ids = local_ids.reshape(-1)
-    flat_tokens = torch.arange(num_tokens, device=hidden_states.device).repeat_interleave(top_k)
     outputs = hidden_states.new_zeros(num_tokens * top_k, w2.shape[1])
-    half = w1.shape[1] // 2
-    for expert in range(w1.shape[0]):
-        rows = (flat_ids == expert).nonzero(as_tuple=True)[0]
-        if rows.numel() == 0:
-            continue
-        tokens = flat_tokens[rows]
-        expert_in = hidden_states[tokens]
-        gate_up = ops.linear(expert_in, w1[expert])
-        slots = token_slots[tokens] if lora is not None and token_slots is not None else None
-        active = [] if slots is None else [s for s in slots.unique().tolist() if lora.slot_active(s)]
-        for slot in active:
-            pick = (slots == slot).nonzero(as_tuple=True)[0]
-            for index, (a, b) in enumerate(zip(lora.w13_a, lora.w13_b, strict=True)):
-                b_e = lora.expert(b, slot, expert)
-                start = index * half if len(lora.w13_a) == 2 else 0
-                delta = ops.lora_delta(expert_in[pick], lora.expert(a, slot, expert), b_e, 1.0)
-                gate_up[pick, start : start + b_e.shape[0]] += delta.to(gate_up.dtype)
-        hidden = ops.silu_and_mul(gate_up)
-        expert_out = ops.linear(hidden, w2[expert])
-        for slot in active:
-            pick = (slots == slot).nonzero(as_tuple=True)[0]
-            delta = ops.lora_delta(hidden[pick], lora.expert(lora.w2_a, slot, expert),
-                                   lora.expert(lora.w2_b, slot, expert), 1.0)
-            expert_out[pick] += delta.to(expert_out.dtype)
+    with_lora = lora is not None and token_slots is not None
+    for expert, rows, tokens in _routed_rows(local_ids, w1.shape[0]):
+        expert_out = _expert_mlp(hidden_states[tokens], w1, w2, expert, token_slots[tokens] if with_lora else None,
+                                 lora, linear=ops.linear, lora_delta=lambda x, a, b: ops.lora_delta(x, a, b, 1.0),
+                                 activate=ops.silu_and_mul)
         outputs[rows] = expert_out.to(outputs.dtype)
     return ops.combine_topk(outputs.reshape(num_tokens, top_k, -1), topk_weights)
