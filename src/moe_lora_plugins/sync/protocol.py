@@ -206,7 +206,7 @@ class ManifestEntry:
         if self.shard is not None:
             out["shard"] = self.shard.to_json()
         if self.experts:
-            out["expert_ranges"] = expert_ranges(self.experts)
+            out["expert_ranges"] = _expert_runs(self.experts)  # tuples: JSON arrays all the same
         if self.aliases:
             out["aliases"] = list(self.aliases)
         return out
@@ -260,6 +260,12 @@ def expert_ranges(experts: Sequence[int]) -> list[list[int]]:
         else:
             runs.append([e, e + 1])
     return runs
+
+
+@functools.lru_cache(maxsize=1 << 10)
+def _expert_runs(experts: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """:func:`expert_ranges` of one entry's experts, remembered (every bucket of a sync repeats them)."""
+    return tuple((start, stop) for start, stop in expert_ranges(experts))
 
 
 def _experts_from_ranges(value: Any, where: str) -> tuple[int, ...]:
