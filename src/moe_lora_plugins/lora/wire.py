@@ -246,7 +246,7 @@ def _identity_groups(named_tensors: Mapping[str, torch.Tensor]) -> tuple[dict[tu
     if by_object is None:
         by_object = _group_by_object(named_tensors)
         if len(_object_groups) >= _OBJECT_GROUPS_CACHED:
-            _object_groups.pop(next(iter(_object_groups)))
+            _object_groups.pop(next(iter(_object_groups), ()), None)
         _object_groups[signature] = by_object
     groups: dict[tuple, list[str]] = {}
     first: dict[tuple, torch.Tensor] = {}

@@ -34,7 +34,8 @@ MAX_SEQUENCE = (1 << 31) - 1  # bucket sequence numbers and sync versions
 MAX_SENDERS = 1 << 16
 MAX_TENSOR_DIMS = 8
 MAX_EXPERTS = 1 << 16
-MANIFEST_CACHE_ENTRIES = 64  # parsed manifests remembered by their bytes (every sync repeats them)
+MANIFEST_CACHE_ENTRIES = 64  # parsed manifests remembered by their bytes (every sync repeats them) ...
+MANIFEST_CACHE_MAX_BYTES = 1 << 20  # ... if at most this large (64 MiB held at most)
 
 
 @contextlib.contextmanager
@@ -308,9 +309,10 @@ class Manifest:
         parsed = _parsed_manifests.get(raw)
         if parsed is None:
             parsed = cls._parse(raw)
-            if len(_parsed_manifests) >= MANIFEST_CACHE_ENTRIES:
-                _parsed_manifests.pop(next(iter(_parsed_manifests)))
-            _parsed_manifests[raw] = parsed
+            if len(raw) <= MANIFEST_CACHE_MAX_BYTES:
+                if len(_parsed_manifests) >= MANIFEST_CACHE_ENTRIES:
+                    _parsed_manifests.pop(next(iter(_parsed_manifests), b""), None)
+                _parsed_manifests[raw] = parsed
         entries, summary = parsed
         return cls(list(entries), json.loads(summary))
 

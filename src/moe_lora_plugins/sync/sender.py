@@ -8,8 +8,9 @@ travels once) and sends it in buckets of at most ``bucket_bytes``.
 
 What is sent leaves the trainer, so it goes through the plugins' ``on_export_weights`` chain (kind
 ``adapter``) unless it already did: a stream from a patched Megatron-Bridge export arrives hooked and
-is not chained twice (``moe_lora_plugins.hooks.streams``, the one call of this module into the hook
-layer). A plugin's transform is what the engine receives.
+is not chained twice (``moe_lora_plugins.hooks.streams``; a dict with no ``on_export_weights``
+implementation registered skips the per-tensor pass through the empty chain). A plugin's transform is
+what the engine receives.
 """
 
 from __future__ import annotations
