@@ -13,6 +13,14 @@ Writes ``OUT/suite.json`` (device, date, versions, command, each part's status) 
 ``OUT/suite.md`` (the tables), next to each part's own JSON; ``OUT/suite.log`` holds their output.
 
     python benchmarks/speed_suite.py --out OUT [--parts step,export,sync] [--quick]
+
+On the one-H200 device machine (torch there, no vLLM / Transformer Engine; the megatron-core 0.19.2,
+megatron-bridge 0.6.2, omegaconf 2.4.0 and antlr4-python3-runtime 4.9.3 wheels carried in ``.whl``),
+the whole suite in one call (about 4 minutes of work; each part has its own time limit, 9.7 minutes
+together at most):
+
+    pip install -q --no-deps --target /tmp/site .whl/*.whl && \
+    PYTHONPATH=$PWD/src:/tmp/site NCCL_NVLS_ENABLE=0 python3 benchmarks/speed_suite.py --out $OUT
 """
 
 from __future__ import annotations
@@ -167,17 +175,17 @@ def main() -> None:
     with open(out / "suite.log", "w") as log:
         if "step" in parts:
             suite["parts"]["step"] = _run("step", ["benchmarks/step_bench.py", "--out", str(out / "step.json"), *rounds],
-                                          330, log)
+                                          260, log)
         if "export" in parts:
             suite["parts"]["export"] = _run("export", ["benchmarks/export_host_bench.py", "--out",
-                                                       str(out / "export_host.json"), "--rounds", "5"], 170, log)
+                                                       str(out / "export_host.json"), "--rounds", "5"], 140, log)
         if "sync" in parts:
             for transport in ("group", "shm"):
                 suite["parts"][f"sync_{transport}"] = _run(
                     f"sync_{transport}",
                     ["benchmarks/sync_nccl.py", "--backend", "gloo", "--transport", transport, "--layers", "48",
-                     "--experts", "128", "--rank", "32", "--iters", "7", "--out", str(out / f"sync_{transport}.json")],
-                    120, log)
+                     "--experts", "128", "--rank", "32", "--iters", "9", "--out", str(out / f"sync_{transport}.json")],
+                    90, log)
     (out / "suite.json").write_text(json.dumps(suite, indent=1))
     lines = [f"Date: {suite['date']}. Command: `{suite['command']}`.", "", f"Versions: {json.dumps(suite['versions'])}", ""]
     step, export = _load(out / "step.json"), _load(out / "export_host.json")

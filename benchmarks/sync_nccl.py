@@ -63,6 +63,16 @@ def _on_device(adapter: dict[str, torch.Tensor], device: str) -> dict[str, torch
     return {name: moved.setdefault(id(t), t.to(device)) for name, t in adapter.items()}
 
 
+def _sender_cpu(result_path: str, world: int) -> list[list[float]]:
+    out = []
+    for rank in range(1, world):
+        path = f"{result_path}.rank{rank}.cpu.json"
+        with open(path) as fh:
+            out.append(json.load(fh))
+        os.remove(path)
+    return out
+
+
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace, result_path: str) -> None:
     if args.profile:
         import cProfile
@@ -93,13 +103,13 @@ def _sync(rank: int, world: int, port: int, args: argparse.Namespace, result_pat
         adapter = _on_device(adapter, device)
     config = {"r": args.rank, "lora_alpha": 2 * args.rank,
               "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
-    timings = []
+    timings, cpu_times = [], []
     shm = args.transport == "shm"
     for step in range(args.iters):
         if args.backend == "nccl":
             torch.cuda.synchronize()
         group.barrier().wait()  # both sides start together: the receiver's time is the whole sync
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         if rank == 0:
             received = receive_adapter(group, senders, version=step, device=device)
             received_tensors = len(received.tensors)
@@ -111,8 +121,24 @@ def _sync(rank: int, world: int, port: int, args: argparse.Namespace, result_pat
         if args.backend == "nccl":
             torch.cuda.synchronize()
         timings.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
+    if rank > 0:  # the sender's CPU time per sync, for the receiver's report
+        with open(f"{result_path}.rank{rank}.cpu.json", "w") as fh:
+            json.dump(cpu_times, fh)
+    group.barrier().wait()
     if rank == 0:
-        mismatched = [name for name, t in adapter.items() if not torch.equal(received.tensors[name], t)]
+        verdicts: dict[tuple[int, int], bool] = {}  # a (received, sent) object pair is compared once
+
+        def same(name: str, t: torch.Tensor) -> bool:
+            got = received.tensors.get(name)
+            if got is None:
+                return True  # reported as missing
+            key = (id(got), id(t))
+            if key not in verdicts:
+                verdicts[key] = got.dtype == t.dtype and torch.equal(got, t)
+            return verdicts[key]
+
+        mismatched = [name for name, t in adapter.items() if not same(name, t)]
         missing = sorted(set(adapter) - set(received.tensors))
         report = {
             "backend": args.backend,
@@ -133,6 +159,10 @@ def _sync(rank: int, world: int, port: int, args: argparse.Namespace, result_pat
             "mismatched": mismatched[:5],
             "missing": missing[:5],
             "seconds_each": timings,
+            # CPU seconds each process spent per sync (its threads included): the work, apart from waiting
+            # and from other load on the host
+            "receiver_cpu_seconds_each": cpu_times,
+            "sender_cpu_seconds_each": _sender_cpu(result_path, world),
             "median_s": sorted(timings)[len(timings) // 2],
         }
         report["wire_GBps"] = report["wire_bytes"] / report["median_s"] / 1e9

@@ -108,3 +108,17 @@ def test_payloads_from_several_stages_decode_together():
 def test_other_manifest_version_is_refused():
     with pytest.raises(WireFormatError, match="version 99"):
         WireManifest.from_json('{"version": 99, "entries": []}')
+
+
+def test_a_repeated_encode_follows_a_changed_sharing_under_the_same_names():
+    """The grouping by object is remembered per (names, object ids): the same names bound to a new sharing
+    (per-expert copies instead of one shared tensor, and back) must encode that new sharing each time."""
+    shared = torch.randn(R, H)
+    names = [f"base_model.model.model.layers.0.mlp.experts.{e}.up_proj.lora_A.weight" for e in range(E)]
+    one = dict.fromkeys(names, shared)
+    apart = {n: shared.clone() + i for i, n in enumerate(names)}
+    for tensors, distinct in ((one, 1), (apart, E), (one, 1), (apart, E)):
+        payload = encode(tensors)
+        assert len(payload.manifest.entries) == distinct
+        got = decode(payload)
+        assert all(torch.equal(got[n], tensors[n]) for n in names)

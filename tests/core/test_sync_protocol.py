@@ -65,6 +65,19 @@ def test_manifest_round_trips_shards_experts_and_aliases():
     )
     decoded = Manifest.decode(manifest.encode())
     assert decoded.entries == manifest.entries and decoded.summary == manifest.summary
+    assert b'"expert_ranges":[[0,3]]' in manifest.encode()  # experts travel as runs, not one number each
+
+
+def test_a_manifest_decoded_again_is_equal_and_owns_its_summary():
+    """Repeated manifests reuse the first parse; each decode still gets a summary of its own."""
+    manifest = Manifest([ManifestEntry("l.mlp.experts.{expert}.up_proj.lora_A.weight", "float32", (4, 8), 0, 128,
+                                       experts=(0, 1, 5, 6))], {"shm": {"segment": 0}})
+    raw = manifest.encode()
+    first, second = Manifest.decode(raw), Manifest.decode(bytearray(raw))
+    assert first.entries == second.entries == manifest.entries
+    assert first.entries[0].experts == (0, 1, 5, 6)
+    first.summary["shm"]["segment"] = 9
+    assert second.summary == {"shm": {"segment": 0}} and Manifest.decode(raw).summary == {"shm": {"segment": 0}}
 
 
 def test_a_shared_expert_piece_expands_to_one_name_per_expert_for_each_of_its_names():
@@ -131,6 +144,12 @@ GOOD_ENTRY = {"name": "a.lora_A.weight", "dtype": "float32", "shape": [4, 8], "o
         ({"shard": [2, 0, 2]}, "shard dim=2 is outside 0..1"),
         ({"shard": [0, 1]}, "is not \\[dim, index, count\\]"),
         ({"experts": [-1]}, r"experts\[0\]=-1 is outside"),
+        ({"expert_ranges": [[0, 0]]}, r"expert_ranges\[0\] stop=0 is outside 1\.\."),
+        ({"expert_ranges": [[-1, 4]]}, r"expert_ranges\[0\] start=-1 is outside"),
+        ({"expert_ranges": [[0, 2**20]]}, r"expert_ranges\[0\] stop=1048576 is outside"),
+        ({"expert_ranges": [[0, 4, 8]]}, r"expert_ranges\[0\]=\[0, 4, 8\] is not \[start, stop\]"),
+        ({"expert_ranges": [[0, 60000], [0, 60000]]}, "more than MAX_EXPERTS"),
+        ({"expert_ranges": [[0, 2]], "experts": [0, 1]}, "both experts and expert_ranges"),
         ({"name": 7}, "name=7 is not a tensor name"),
         ({"dtype": None}, "dtype=None is not a dtype name"),
         ({"aliases": [""]}, "aliases=\\[''\\] is not a list of tensor names"),
@@ -149,3 +168,27 @@ def test_a_manifest_entry_outside_the_protocols_limits_is_refused_by_field(chang
 def test_a_manifest_of_the_wrong_shape_is_a_sync_error_not_a_crash(raw):
     with pytest.raises(AdapterSyncError):
         Manifest.decode(raw)
+
+
+def test_the_garbage_collector_is_paused_inside_a_sync_block_and_restored_after():
+    import gc
+
+    from moe_lora_plugins.sync.protocol import paused_gc
+
+    assert gc.isenabled()
+    with paused_gc():
+        assert not gc.isenabled()
+        with paused_gc():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # the inner block does not switch it back on
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), paused_gc():
+        raise RuntimeError("a failed sync")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with paused_gc():
+            pass
+        assert not gc.isenabled()  # a host that runs without the collector keeps it off
+    finally:
+        gc.enable()

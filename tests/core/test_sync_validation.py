@@ -93,3 +93,44 @@ def test_a_shared_non_finite_tensor_is_named_under_every_name_it_serves():
     with pytest.raises(AdapterValidationError) as caught:
         check_adapter(tensors, expected)
     assert [p.split(" ")[0] for p in caught.value.problems] == names
+
+
+@pytest.mark.parametrize("where", ["first", "middle", "last", "between"])
+def test_views_of_one_payload_are_checked_together_and_a_non_finite_one_is_still_named(where):
+    """Received tensors are views of one bucket payload: one scan certifies them, and a NaN anywhere (in a
+    tensor, or in bytes between two tensors that belong to none) falls back to naming exactly the bad ones."""
+    from moe_lora_plugins.sync.validation import non_finite_problems
+
+    payload = torch.zeros(4 * 16 + 3, dtype=torch.float32)
+    tensors = {f"t{i}": payload[i * 16 + (3 if i == 3 else 0):i * 16 + 16 + (3 if i == 3 else 0)].view(4, 4)
+               for i in range(4)}
+    assert non_finite_problems(tensors) == []
+    index = {"first": 0, "middle": 20, "last": 4 * 16 + 2, "between": 49}[where]  # 48..50: in no view
+    payload[index] = float("nan")
+    problems = non_finite_problems(tensors)
+    named = {"first": ["t0"], "middle": ["t1"], "last": ["t3"], "between": []}[where]
+    assert [p.split(" ")[0] for p in problems] == named
+    assert all("1 non-finite value(s)" in p for p in problems)
+
+
+def test_a_received_adapter_with_a_nan_names_it_and_a_clean_one_passes():
+    """The same through the receiver's own assembly (tensors as views of one payload)."""
+    from moe_lora_plugins.sync.assembly import AdapterAssembler
+    from moe_lora_plugins.sync.protocol import AdapterPiece, BucketHeader, Manifest
+    from moe_lora_plugins.sync.staging import bucket_layout, pack_payload
+    from moe_lora_plugins.sync.validation import non_finite_problems
+
+    sent = {f"base_model.model.model.layers.0.self_attn.{p}.lora_A.weight": torch.randn(4, 8) for p in "qkv"}
+    for bad in (None, "base_model.model.model.layers.0.self_attn.k.lora_A.weight"):
+        pieces = [AdapterPiece(n, t) for n, t in sent.items()]
+        entries, nbytes = bucket_layout(pieces)
+        payload = pack_payload(pieces, entries, nbytes, "cpu")
+        assembler = AdapterAssembler(1, 0)
+        assembler.add_bucket(BucketHeader(0, 0, 0, False, 0, nbytes), Manifest(entries), payload)
+        assembler.add_bucket(BucketHeader(0, 1, 0, True, 0, 0), Manifest([], {"buckets": 1, "payload_bytes": nbytes}),
+                             torch.empty(0, dtype=torch.uint8))
+        received = assembler.finish().tensors
+        if bad is not None:
+            received[bad][1, 2] = float("inf")
+        problems = non_finite_problems(received)
+        assert [p.split(" ")[0] for p in problems] == ([] if bad is None else [bad])

@@ -234,34 +234,53 @@ def _compress_names_cached(names: tuple[str, ...]) -> tuple[tuple[str, ...], tup
 def _identity_groups(named_tensors: Mapping[str, torch.Tensor]) -> tuple[dict[tuple, list[str]], dict[tuple, torch.Tensor]]:
     """Names grouped by :func:`_identity_key`, groups in order of first appearance, names in dict order.
 
-    Names are first grouped by tensor object (one dict lookup per name: a shared expert adapter is one
-    object under E names), and the storage key is computed once per object.
+    Names are first grouped by tensor object (a shared expert adapter is one object under E names),
+    and the storage key is computed once per object. The grouping by object depends only on the
+    names and the objects' ids in order, which an adapter synced every step repeats: it is remembered
+    for the last few such sequences, so a repeated sync checks them (two C-level tuple builds) instead
+    of a Python step per name.
     """
-    by_object: dict[int, list[str]] = {}
-    objects: dict[int, torch.Tensor] = {}
-    for name, tensor in named_tensors.items():
-        names = by_object.get(id(tensor))
-        if names is None:
-            by_object[id(tensor)] = [name]
-            objects[id(tensor)] = tensor
-        else:
-            names.append(name)
+    values = list(named_tensors.values())
+    signature = (tuple(named_tensors), tuple(map(id, values)))
+    by_object = _object_groups.get(signature)
+    if by_object is None:
+        by_object = _group_by_object(named_tensors)
+        if len(_object_groups) >= _OBJECT_GROUPS_CACHED:
+            _object_groups.pop(next(iter(_object_groups), ()), None)
+        _object_groups[signature] = by_object
     groups: dict[tuple, list[str]] = {}
     first: dict[tuple, torch.Tensor] = {}
     merged = False
-    for obj, names in by_object.items():
-        key = _identity_key(objects[obj])
+    for index, names in by_object:
+        tensor = values[index]
+        key = _identity_key(tensor)
         if key in groups:
             groups[key].extend(names)
             merged = True
         else:
-            groups[key] = names
-            first[key] = objects[obj]
+            groups[key] = list(names)
+            first[key] = tensor
     if merged:  # distinct objects viewing the same data: names back in dict order
         order = {name: i for i, name in enumerate(named_tensors)}
         for names in groups.values():
             names.sort(key=order.__getitem__)
     return groups, first
+
+
+_OBJECT_GROUPS_CACHED = 4
+# (names, object ids) of an adapter -> its names grouped by object: (index of the first name, names), in order.
+_object_groups: dict[tuple[tuple[str, ...], tuple[int, ...]], tuple[tuple[int, tuple[str, ...]], ...]] = {}
+
+
+def _group_by_object(named_tensors: Mapping[str, torch.Tensor]) -> tuple[tuple[int, tuple[str, ...]], ...]:
+    by_object: dict[int, tuple[int, list[str]]] = {}
+    for index, (name, tensor) in enumerate(named_tensors.items()):
+        group = by_object.get(id(tensor))
+        if group is None:
+            by_object[id(tensor)] = (index, [name])
+        else:
+            group[1].append(name)
+    return tuple((index, tuple(names)) for index, names in by_object.values())
 
 
 def _compress_names(names: list[str]) -> tuple[tuple[str, ...], tuple[int, ...]]:

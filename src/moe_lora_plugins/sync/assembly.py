@@ -9,12 +9,19 @@ parts arrived, and expands compact shared-expert tensors to one name per expert 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
 from moe_lora_plugins.sync.errors import AdapterSyncError, IncompleteSyncError
 from moe_lora_plugins.sync.protocol import BucketHeader, Manifest, ManifestEntry
 from moe_lora_plugins.sync.staging import host_payload, tensor_from_payload
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _repeats(names: tuple[str, ...]) -> bool:
+    """Whether a name occurs twice in one entry's names (remembered: every sync repeats its entries)."""
+    return len(set(names)) != len(names)
 
 
 @dataclass
@@ -80,8 +87,9 @@ class AdapterAssembler:
                 f"announced {header.payload_nbytes}"
             )
         payload = host_payload(payload)
+        typed: dict[Any, Any] = {}
         for entry in manifest.entries:
-            self._stage(header, entry, payload)
+            self._stage(header, entry, payload, typed)
         state.next_seq += 1
         state.buckets += 1
         state.payload_bytes += header.payload_nbytes
@@ -133,8 +141,8 @@ class AdapterAssembler:
             self._config = dict(config)
         state.ended = True
 
-    def _stage(self, header: BucketHeader, entry: ManifestEntry, payload: Any) -> None:
-        tensor = tensor_from_payload(payload, entry, f"sender {header.sender} bucket {header.seq}")
+    def _stage(self, header: BucketHeader, entry: ManifestEntry, payload: Any, typed: dict[Any, Any]) -> None:
+        tensor = tensor_from_payload(payload, entry, f"sender {header.sender} bucket {header.seq}", typed)
         if entry.shard is None:
             self._put_all(entry.names, tensor, header)
             return
@@ -159,17 +167,16 @@ class AdapterAssembler:
             whole = torch.cat(parts, dim=shard_set.dim)
             self._put_all(entry.names, whole, header)
 
-    def _put_all(self, names: list[str], tensor: Any, header: BucketHeader) -> None:
+    def _put_all(self, names: tuple[str, ...], tensor: Any, header: BucketHeader) -> None:
         """File ``tensor`` under every name (one shared-expert piece: E names, one tensor)."""
-        filed = dict.fromkeys(names, tensor)
-        twice = self._tensors.keys() & filed.keys()
-        if twice or len(filed) != len(names):
-            name = min(twice) if twice else next(n for n in names if names.count(n) > 1)
+        if not self._tensors.keys().isdisjoint(names) or _repeats(names):
+            twice = sorted(self._tensors.keys() & set(names))
+            name = twice[0] if twice else next(n for n in names if names.count(n) > 1)
             raise AdapterSyncError(
                 f"{name!r} arrived twice (second time from sender {header.sender}, bucket {header.seq}); every "
                 "tensor must be sent by exactly one sender"
             )
-        self._tensors.update(filed)
+        self._tensors.update(dict.fromkeys(names, tensor))
 
     def buckets_from(self, sender: int) -> int:
         return self._senders[sender].buckets

@@ -10,16 +10,18 @@ equal tensor bytes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from moe_lora_plugins.sync.errors import AdapterSyncError
 
 MAGIC = 0x4D4F454C  # "MOEL"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: a manifest entry lists its experts as ranges ("expert_ranges")
 HEADER_FIELDS = ("magic", "protocol", "version", "seq", "sender", "is_end", "manifest_nbytes", "payload_nbytes")
 HEADER_LEN = len(HEADER_FIELDS)
 EXPERT_PLACEHOLDER = "{expert}"
@@ -32,6 +34,27 @@ MAX_SEQUENCE = (1 << 31) - 1  # bucket sequence numbers and sync versions
 MAX_SENDERS = 1 << 16
 MAX_TENSOR_DIMS = 8
 MAX_EXPERTS = 1 << 16
+MANIFEST_CACHE_ENTRIES = 64  # parsed manifests remembered by their bytes (every sync repeats them) ...
+MANIFEST_CACHE_MAX_BYTES = 1 << 20  # ... if at most this large (64 MiB held at most)
+
+
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """Python's cyclic garbage collector paused for the block (reference counting still frees everything).
+
+    A sync makes and drops tens of thousands of small containers (one per expanded name); with the
+    collector running, each 700 of them start a collection and every tenth of those walks the whole
+    heap of the host process (a trainer or an engine: hundreds of thousands of objects), so on a busy
+    heap most of a sync went to collections that found nothing. The temporaries are gone before the
+    block ends, so no work is deferred except for what the sync keeps. Nested use is fine.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def check_bound(where: str, field_name: str, value: Any, low: int, high: int, limit_name: str = "") -> int:
@@ -163,7 +186,7 @@ class BucketHeader:
         return cls(values[2], values[3], values[4], bool(values[5]), values[6], values[7]).check_limits(where)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ManifestEntry:
     name: str
     dtype: str
@@ -175,8 +198,8 @@ class ManifestEntry:
     aliases: tuple[str, ...] = ()
 
     @property
-    def names(self) -> list[str]:
-        return list(_expanded((self.name, *self.aliases), self.experts))
+    def names(self) -> tuple[str, ...]:
+        return _expanded((self.name, *self.aliases), self.experts)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape),
@@ -184,7 +207,7 @@ class ManifestEntry:
         if self.shard is not None:
             out["shard"] = self.shard.to_json()
         if self.experts:
-            out["experts"] = list(self.experts)
+            out["expert_ranges"] = _expert_runs(self.experts)  # tuples: JSON arrays all the same
         if self.aliases:
             out["aliases"] = list(self.aliases)
         return out
@@ -207,10 +230,16 @@ class ManifestEntry:
                 f"{where}: shape={shape!r} is not a list of at most {MAX_TENSOR_DIMS} sizes; the sync is corrupt"
             )
         dims = tuple(check_bound(where, f"shape[{i}]", d, 0, MAX_PAYLOAD_BYTES) for i, d in enumerate(shape))
-        experts = value.get("experts", [])
+        if "experts" in value and "expert_ranges" in value:
+            raise AdapterSyncError(f"{where}: has both experts and expert_ranges; the sync is corrupt")
+        if "expert_ranges" in value:
+            experts = _experts_from_ranges(value["expert_ranges"], where)
+        else:
+            listed = value.get("experts", [])
+            if not isinstance(listed, list) or len(listed) > MAX_EXPERTS:
+                raise AdapterSyncError(f"{where}: experts is not a list of at most {MAX_EXPERTS} indices")
+            experts = tuple(check_bound(where, f"experts[{i}]", e, 0, MAX_EXPERTS - 1) for i, e in enumerate(listed))
         aliases = value.get("aliases", [])
-        if not isinstance(experts, list) or len(experts) > MAX_EXPERTS:
-            raise AdapterSyncError(f"{where}: experts is not a list of at most {MAX_EXPERTS} indices")
         if not isinstance(aliases, list) or not all(isinstance(a, str) and a for a in aliases):
             raise AdapterSyncError(f"{where}: aliases={aliases!r} is not a list of tensor names")
         return cls(
@@ -218,9 +247,42 @@ class ManifestEntry:
             offset=check_bound(where, "offset", value.get("offset"), 0, MAX_PAYLOAD_BYTES, "MAX_PAYLOAD_BYTES"),
             nbytes=check_bound(where, "nbytes", value.get("nbytes"), 0, MAX_PAYLOAD_BYTES, "MAX_PAYLOAD_BYTES"),
             shard=ShardSpec.from_json(value["shard"], where, len(dims)) if "shard" in value else None,
-            experts=tuple(check_bound(where, f"experts[{i}]", e, 0, MAX_EXPERTS - 1) for i, e in enumerate(experts)),
+            experts=experts,
             aliases=tuple(aliases),
         )
+
+
+def expert_ranges(experts: Sequence[int]) -> list[list[int]]:
+    """``experts`` as ``[start, stop)`` runs of consecutive indices (128 experts: ``[[0, 128]]``)."""
+    runs: list[list[int]] = []
+    for e in experts:
+        if runs and runs[-1][1] == e:
+            runs[-1][1] = e + 1
+        else:
+            runs.append([e, e + 1])
+    return runs
+
+
+@functools.lru_cache(maxsize=1 << 10)
+def _expert_runs(experts: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """:func:`expert_ranges` of one entry's experts, remembered (every bucket of a sync repeats them)."""
+    return tuple((start, stop) for start, stop in expert_ranges(experts))
+
+
+def _experts_from_ranges(value: Any, where: str) -> tuple[int, ...]:
+    """The expert indices of a received ``expert_ranges`` list, every bound and the total count checked."""
+    if not isinstance(value, list) or len(value) > MAX_EXPERTS:
+        raise AdapterSyncError(f"{where}: expert_ranges is not a list of at most {MAX_EXPERTS} [start, stop] pairs")
+    experts: list[int] = []
+    for i, run in enumerate(value):
+        if not isinstance(run, list) or len(run) != 2:
+            raise AdapterSyncError(f"{where}: expert_ranges[{i}]={run!r} is not [start, stop]; the sync is corrupt")
+        start = check_bound(where, f"expert_ranges[{i}] start", run[0], 0, MAX_EXPERTS - 1)
+        stop = check_bound(where, f"expert_ranges[{i}] stop", run[1], start + 1, MAX_EXPERTS)
+        if len(experts) + stop - start > MAX_EXPERTS:
+            raise AdapterSyncError(f"{where}: expert_ranges name more than MAX_EXPERTS={MAX_EXPERTS} experts")
+        experts.extend(range(start, stop))
+    return tuple(experts)
 
 
 @dataclass
@@ -236,11 +298,26 @@ class Manifest:
 
     @classmethod
     def decode(cls, raw: bytes) -> Manifest:
+        """Parse and check a received manifest. A manifest whose bytes equal one parsed before (every sync of
+        one adapter repeats its manifests) reuses that parse; its entries are immutable."""
         if len(raw) > MAX_MANIFEST_BYTES:
             raise AdapterSyncError(
                 f"a bucket manifest of {len(raw)} bytes exceeds MAX_MANIFEST_BYTES={MAX_MANIFEST_BYTES}; send "
                 "smaller buckets (bucket_bytes)"
             )
+        raw = bytes(raw)
+        parsed = _parsed_manifests.get(raw)
+        if parsed is None:
+            parsed = cls._parse(raw)
+            if len(raw) <= MANIFEST_CACHE_MAX_BYTES:
+                if len(_parsed_manifests) >= MANIFEST_CACHE_ENTRIES:
+                    _parsed_manifests.pop(next(iter(_parsed_manifests), b""), None)
+                _parsed_manifests[raw] = parsed
+        entries, summary = parsed
+        return cls(list(entries), json.loads(summary))
+
+    @staticmethod
+    def _parse(raw: bytes) -> tuple[tuple[ManifestEntry, ...], str]:
         try:
             value = json.loads(raw.decode())
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -250,8 +327,12 @@ class Manifest:
         summary = value.get("summary", {})
         if not isinstance(summary, dict):
             raise AdapterSyncError(f"a bucket manifest's summary is a JSON {type(summary).__name__}, not an object")
-        return cls([ManifestEntry.from_json(e, f"manifest entry {i}") for i, e in enumerate(value["entries"])],
-                   dict(summary))
+        entries = tuple(ManifestEntry.from_json(e, f"manifest entry {i}") for i, e in enumerate(value["entries"]))
+        return entries, json.dumps(summary)  # each decode gets a fresh summary dict of its own
+
+
+# Parsed manifests by their bytes (insertion order: the oldest is dropped first).
+_parsed_manifests: dict[bytes, tuple[tuple[ManifestEntry, ...], str]] = {}
 
 
 def plan_buckets(sizes: Iterable[int], bucket_bytes: int) -> list[list[int]]:

@@ -8,8 +8,9 @@ travels once) and sends it in buckets of at most ``bucket_bytes``.
 
 What is sent leaves the trainer, so it goes through the plugins' ``on_export_weights`` chain (kind
 ``adapter``) unless it already did: a stream from a patched Megatron-Bridge export arrives hooked and
-is not chained twice (``moe_lora_plugins.hooks.streams``, the one call of this module into the hook
-layer). A plugin's transform is what the engine receives.
+is not chained twice (``moe_lora_plugins.hooks.streams``; a dict with no ``on_export_weights``
+implementation registered skips the per-tensor pass through the empty chain). A plugin's transform is
+what the engine receives.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
-from moe_lora_plugins.sync.protocol import AdapterPiece
+from moe_lora_plugins.sync.protocol import AdapterPiece, paused_gc
 from moe_lora_plugins.sync.transport import DEFAULT_BUCKET_BYTES, SendReport, pieces_from_wire, send_adapter
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
@@ -57,8 +58,17 @@ def hooked_adapter_tensors(adapter: Any) -> dict[str, Any]:
     if hasattr(adapter, "tensors") and hasattr(adapter, "peft_config"):
         adapter = adapter.tensors
     if isinstance(adapter, Mapping):  # names are the receiver's already: kept as they are
+        if not _export_hooks():  # nothing would change it: no per-tensor pass through an empty chain
+            return dict(adapter)
         return {item[0]: item[1] for item in export_stream(list(adapter.items()), "adapter")}
     return tensors_from_export(export_stream(adapter, "adapter"))
+
+
+def _export_hooks() -> bool:
+    """Whether any registered plugin implements ``on_export_weights`` (decided per sync, as plugins may change)."""
+    from moe_lora_plugins.hooks.manager import get_plugin_manager
+
+    return bool(get_plugin_manager().hook.on_export_weights.get_hookimpls())
 
 
 @functools.lru_cache(maxsize=1 << 18)
@@ -69,13 +79,23 @@ def layer_of(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+@functools.lru_cache(maxsize=8)
+def _names_in_layers(names: tuple[str, ...], layers: frozenset[int]) -> tuple[str, ...]:
+    """The names of ``layers`` (remembered: every sync of one adapter filters the same names)."""
+    return tuple(name for name in names if layer_of(name) in layers)
+
+
 def sync_pieces(tensors: Mapping[str, Any], layers: Collection[int] | None = None, compact: bool = True,
                 dedupe: str = "identity") -> list[AdapterPiece]:
     """The pieces one sender sends: its layers only (all when ``layers`` is None), in the compact wire form.
 
     ``dedupe="content"`` also sends equal tensors that are distinct objects once (an export stream yields
     q/k/v's shared LoRA A as three copies)."""
-    mine = {k: v for k, v in tensors.items() if layers is None or layer_of(k) in layers}
+    mine = tensors
+    if layers is not None:
+        kept = _names_in_layers(tuple(tensors), frozenset(layers))
+        if len(kept) != len(tensors):
+            mine = {k: tensors[k] for k in kept}
     if not compact:
         return [AdapterPiece(k, v) for k, v in sorted(mine.items())]
     from moe_lora_plugins.lora.wire import encode
@@ -105,6 +125,14 @@ def send_lora_adapter(
     ``shared_memory=True`` moves the bytes through shared memory to a receiver on this host (see
     :func:`moe_lora_plugins.sync.transport.send_adapter`).
     """
+    with paused_gc():
+        return _send_lora_adapter(adapter, group, receivers, sender, version, layers, config, bucket_bytes, device,
+                                  compact, dedupe, shared_memory)
+
+
+def _send_lora_adapter(adapter: Any, group: Any, receivers: Sequence[int], sender: int, version: int,
+                       layers: Collection[int] | None, config: Mapping[str, Any] | None, bucket_bytes: int,
+                       device: Any, compact: bool, dedupe: str | None, shared_memory: Any) -> SendReport:
     is_stream = not (hasattr(adapter, "tensors") or isinstance(adapter, Mapping))
     tensors = hooked_adapter_tensors(adapter)
     if config is None and hasattr(adapter, "peft_config"):

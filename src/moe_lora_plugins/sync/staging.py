@@ -8,6 +8,7 @@ one copy and files every tensor as a view of it: no copy, no device synchronisat
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -102,24 +103,38 @@ def host_payload(payload: Any) -> Any:
     return payload if payload.device.type == "cpu" else payload.cpu()
 
 
-def tensor_from_payload(payload: Any, entry: ManifestEntry, where: str) -> Any:
+def tensor_from_payload(payload: Any, entry: ManifestEntry, where: str, typed: dict[Any, Any] | None = None) -> Any:
     """The tensor ``entry`` describes, as a view of the CPU ``payload`` (a copy only where an older
-    sender left its offset unaligned for its dtype). ``where`` names the bucket in errors."""
-    import math
-
+    sender left its offset unaligned for its dtype). ``where`` names the bucket in errors. ``typed``
+    (a dict the caller keeps for one payload) holds the payload viewed as each dtype, made once."""
     dtype = dtype_from_name(entry.dtype)
     itemsize = dtype.itemsize
     end = entry.offset + entry.nbytes
-    if entry.offset < 0 or end > int(payload.numel()):
-        raise AdapterSyncError(
-            f"{where}: {entry.name!r} claims bytes {entry.offset}..{end} of a {int(payload.numel())}-byte payload"
-        )
-    if entry.nbytes != math.prod(entry.shape) * itemsize:
+    size = int(payload.numel())
+    if entry.offset < 0 or end > size:
+        raise AdapterSyncError(f"{where}: {entry.name!r} claims bytes {entry.offset}..{end} of a {size}-byte payload")
+    numel, strides = _contiguous(entry.shape)
+    if entry.nbytes != numel * itemsize:
         raise AdapterSyncError(
             f"{where}: {entry.name!r} announces {entry.nbytes} bytes, but shape {list(entry.shape)} of {entry.dtype} "
-            f"needs {math.prod(entry.shape) * itemsize}; the sender's manifest is corrupt"
+            f"needs {numel * itemsize}; the sender's manifest is corrupt"
         )
-    raw = payload[entry.offset:end]
     if entry.offset % itemsize:
-        raw = raw.clone()
-    return raw.view(dtype).reshape(entry.shape)
+        return payload[entry.offset:end].clone().view(dtype).reshape(entry.shape)
+    # One view op per entry: the payload's whole elements as ``dtype`` (made once per bucket), strided to it.
+    flat = None if typed is None else typed.get(dtype)
+    if flat is None:
+        flat = payload[: size - size % itemsize].view(dtype)
+        if typed is not None:
+            typed[dtype] = flat
+    return flat.as_strided(entry.shape, strides, flat.storage_offset() + entry.offset // itemsize)
+
+
+@functools.lru_cache(maxsize=1 << 12)
+def _contiguous(shape: tuple[int, ...]) -> tuple[int, tuple[int, ...]]:
+    """Element count and contiguous strides of ``shape`` (remembered: an adapter has few distinct shapes)."""
+    strides, numel = [], 1
+    for dim in reversed(shape):
+        strides.append(numel)
+        numel *= dim
+    return numel, tuple(reversed(strides))

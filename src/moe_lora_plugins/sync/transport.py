@@ -23,6 +23,7 @@ from moe_lora_plugins.sync.protocol import (
     AdapterPiece,
     BucketHeader,
     Manifest,
+    paused_gc,
     plan_buckets,
 )
 from moe_lora_plugins.sync.staging import bucket_layout, fill_host_payload, pack_payload
@@ -99,6 +100,14 @@ def send_adapter(
     receiver on the same host, which then views the tensors in place; only headers, manifests and
     acknowledgements cross the group. One receiver only.
     """
+    with paused_gc():
+        return _send_adapter(pieces, group, receivers, sender, version, bucket_bytes, config, device, wait_for_ack,
+                             shared_memory)
+
+
+def _send_adapter(pieces: Iterable[AdapterPiece], group: Any, receivers: Sequence[int], sender: int, version: int,
+                  bucket_bytes: int, config: dict[str, Any] | None, device: Any, wait_for_ack: bool,
+                  shared_memory: Any) -> SendReport:
     import torch
 
     writer = _writer(shared_memory, receivers)
@@ -209,6 +218,12 @@ def receive_adapter(group: Any, senders: Sequence[int], *, version: int | None =
     sender put in shared memory are viewed in place through ``shared_memory`` (a
     :class:`moe_lora_plugins.sync.shm.SharedPayloadReader`; this process's when ``None``).
     """
+    with paused_gc():
+        return _receive_adapter(group, senders, version, device, shared_memory)
+
+
+def _receive_adapter(group: Any, senders: Sequence[int], version: int | None, device: Any,
+                     shared_memory: Any) -> ReceivedAdapter:
     import torch
 
     from moe_lora_plugins.sync.shm import SegmentRef, default_reader

@@ -18,10 +18,19 @@ a flag): they reuse only if every rank can, otherwise every rank builds again, s
 inside the build is always entered by all of them. The cache drops an entry when its model chunks
 are garbage-collected. The export stream reads the parameters' current values, so new weights after
 an optimizer step are exported as upstream exports them.
+
+A merged export (``merge_adapter_weights=True``, upstream's default) also rebuilds its adapter merge
+tasks every call (``MegatronPeftBridge.build_adapter_conversion_tasks``: a walk of every parameter
+with a module lookup per adapter, an ``all_gather_object`` of the adapter list over the pipeline
+group, two mapping and task objects per adapter); they too only reference the adapter modules and
+parameters, so the second spec keeps them the same way (keyed also by the excluded prefixes). The
+adapters' ``alpha`` and ``dim`` are read into the tasks when they are built; Megatron-Bridge fixes
+them when it wraps a module, and a model whose adapters are replaced has new parameters, so rebuilds.
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
 import weakref
 from typing import Any
@@ -50,6 +59,29 @@ SPECS = (
         verified="megatron-bridge 0.6.2: CPU gloo world size 1, EP=2 and PP=2, repeated plain and merged exports "
         "bitwise equal to rebuilt tasks', a replaced parameter rebuilds the tasks, an optimizer step's new values "
         "are exported; 1xH200 export benchmark (benchmarks/RESULTS-export.md).",
+    ),
+    PatchSpec(
+        id="megatron_bridge.adapter_conversion_tasks_cache",
+        distribution="megatron-bridge",
+        versions=">=0.6,<0.7",
+        target="megatron.bridge.models.conversion.peft_bridge",
+        attribute="MegatronPeftBridge.build_adapter_conversion_tasks",
+        kind="wrap",
+        implementation="moe_lora_plugins.patches.megatron_bridge.conversion_tasks_cache:build_adapter_conversion_tasks",
+        fingerprint="(self, megatron_model, exclude_adapter_base_prefixes=)",
+        why=(
+            "Every merged export (export_hf_weights' default) rebuilds the adapter merge tasks on a new model "
+            "bridge: a walk of every parameter, a module lookup per adapter and an all_gather_object over the "
+            "pipeline group, though the tasks only reference the adapter modules and parameters. On the CPU test "
+            "model it is most of what a merged export costs beyond a plain one."
+        ),
+        upstream="Megatron-Bridge 0.6.2 peft_bridge.MegatronPeftBridge.build_adapter_conversion_tasks (called by "
+        "stream_weights_megatron_to_hf when merge_adapter_weights=True)",
+        remove_when="Megatron-Bridge caches adapter conversion tasks per model (and keeps one model bridge per "
+        "AutoBridge)",
+        verified="megatron-bridge 0.6.2: CPU gloo world size 1, EP=2 and PP=2: repeated merged exports bitwise "
+        "equal to upstream's, a replaced adapter parameter rebuilds the tasks, an optimizer step's new adapter "
+        "values are merged.",
     ),
 )
 
@@ -100,6 +132,41 @@ def _every_pipeline_rank_agrees(megatron_model: Any, reusable: bool) -> bool:
     flag = torch.tensor([1 if reusable else 0], dtype=torch.int32, device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
     return bool(flag.item())
+
+
+def _reuse_or_build(wrapped: Any, args: tuple[Any, ...], kwargs: dict[str, Any], instance: Any,
+                    megatron_model: Any, key: tuple[Any, ...]) -> tuple[Any, bool]:
+    """The cached value for ``key`` (and True) while the model's tensors are the same objects on every pipeline
+    rank, else upstream's freshly built one (and False), which is remembered."""
+    chunks = _chunks(megatron_model)
+    fingerprint = _fingerprint(instance, chunks)
+    entry = _cache.get(key)
+    reusable = entry is not None and entry.fingerprint == fingerprint
+    if _every_pipeline_rank_agrees(megatron_model, reusable):
+        return entry.tasks, True
+    built = wrapped(*args, **kwargs)
+    if entry is None:
+        for chunk in chunks:
+            weakref.finalize(chunk, _forget, key)
+    _cache[key] = _Entry(fingerprint, built)
+    return built, False
+
+
+def build_adapter_conversion_tasks(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Upstream's adapter merge tasks, built once per model and reused while the model's tensors are the same
+    objects (a fresh dict of fresh lists each call: callers may change it)."""
+    from moe_lora_plugins.patches.megatron_bridge._export_common import bind_call
+
+    call = bind_call(wrapped, args, kwargs)
+    megatron_model = call["megatron_model"]
+    excluded = tuple(call.get("exclude_adapter_base_prefixes") or ())
+    key = ("adapter", type(instance), tuple(id(c) for c in _chunks(megatron_model)), excluded)
+    tasks, _ = _reuse_or_build(wrapped, args, kwargs, instance, megatron_model, key)
+    if not isinstance(tasks, dict):
+        return tasks  # not what 0.6 returns: handed on as it is
+    out: collections.defaultdict[str, list[Any]] = collections.defaultdict(list)
+    out.update((base, list(items)) for base, items in tasks.items())
+    return out
 
 
 def build_conversion_tasks(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
