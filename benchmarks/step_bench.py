@@ -259,19 +259,12 @@ def run(
     tiny: bool = False,
 ) -> dict[str, Any]:
     import torch
-    import torch.distributed as dist
 
     import moe_lora_plugins.lora.grouped as grouped
-    from moe_lora_plugins.testing.distributed import free_port
+    from moe_lora_plugins.testing.distributed import init_single_process_group
 
-    cuda = torch.cuda.is_available()
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-        dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
-    if cuda:
-        torch.cuda.set_device(0)
-    else:
+    cuda = init_single_process_group()
+    if not cuda:
         from moe_lora_plugins.testing.megatron_cpu import prepare_megatron_cpu
 
         prepare_megatron_cpu()
@@ -338,14 +331,10 @@ def diagnose(layers: int = 8, experts: int = 128, batch: int = 4, seq: int = 204
     import pstats
 
     import torch
-    import torch.distributed as dist
 
-    from moe_lora_plugins.testing.distributed import free_port
+    from moe_lora_plugins.testing.distributed import init_single_process_group
 
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1)
+    init_single_process_group()
     config = issue_config(layers, experts, tiny=not torch.cuda.is_available())
     models = {"attention": _build(config, LoraSettings(dim=16, alpha=32, target_modules=ATTENTION))}
     from moe_lora_plugins.demo import cpu_training
