@@ -257,6 +257,7 @@ def run(
     batch: int = 4,
     seq: int = 2048,
     tiny: bool = False,
+    only: list[str] | None = None,
 ) -> dict[str, Any]:
     import torch
 
@@ -297,9 +298,10 @@ def run(
 
     grouped.grouped_lora_delta = counted
     model_of = {"forward": "base", "full": "base", "lora_attention": "attention"}
-    samples: dict[str, list[float]] = {m: [] for m in MODES}
+    modes = [m for m in MODES if m in (only or MODES)]
+    samples: dict[str, list[float]] = {m: [] for m in modes}
     for r in range(warmup + rounds):
-        for mode in MODES:
+        for mode in modes:
             seconds, n = _timed(models[model_of.get(mode, "experts")], inputs, mode, calls)
             expected = 2 * moe_layers if mode == "lora_experts_grouped" else 0
             if n != expected:
@@ -313,13 +315,14 @@ def run(
     result["timings"] = {
         m: {"median": statistics.median(v), "min": min(v), "max": max(v)} for m, v in samples.items()
     }
-    med = {m: result["timings"][m]["median"] for m in MODES}
-    result["ratios"] = {
-        "experts_grouped_over_attention": med["lora_experts_grouped"] / med["lora_attention"],
-        "experts_upstream_over_attention": med["lora_experts_upstream"] / med["lora_attention"],
-        "experts_on_policy_over_attention": med["lora_experts_on_policy"] / med["lora_attention"],
-        "experts_grouped_over_upstream": med["lora_experts_grouped"] / med["lora_experts_upstream"],
+    med = {m: result["timings"][m]["median"] for m in modes}
+    ratios = {
+        "experts_grouped_over_attention": ("lora_experts_grouped", "lora_attention"),
+        "experts_upstream_over_attention": ("lora_experts_upstream", "lora_attention"),
+        "experts_on_policy_over_attention": ("lora_experts_on_policy", "lora_attention"),
+        "experts_grouped_over_upstream": ("lora_experts_grouped", "lora_experts_upstream"),
     }
+    result["ratios"] = {name: med[a] / med[b] for name, (a, b) in ratios.items() if a in med and b in med}
     return result
 
 
@@ -381,7 +384,12 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--tiny", action="store_true", help="tiny model (hidden 64): a CPU smoke run")
     parser.add_argument("--diagnose", action="store_true", help="time breakdown and profiles instead of the table")
+    parser.add_argument("--modes", default="", help=f"comma-separated subset of {', '.join(MODES)} (default: all)")
     args = parser.parse_args()
+    only = [m for m in args.modes.split(",") if m]
+    unknown = sorted(set(only) - set(MODES))
+    if unknown:
+        parser.error(f"--modes: unknown {unknown}; choose from {list(MODES)}")
     if args.diagnose:
         result = diagnose(args.layers, args.experts, args.batch, args.seq)
         Path(args.out).write_text(json.dumps(result, indent=1))
@@ -389,7 +397,7 @@ def main() -> None:
         for name, text in result["profiles"].items():
             print(f"==== {name}\n{text}")
         return
-    result = run(args.rounds, args.warmup, args.layers, args.experts, args.batch, args.seq, args.tiny)
+    result = run(args.rounds, args.warmup, args.layers, args.experts, args.batch, args.seq, args.tiny, only)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps({k: result[k] for k in ("timings", "ratios", "check_whole_model", "check_layer0_fc1_lora")}, indent=1))
 
