@@ -35,7 +35,7 @@ from pathlib import Path
 
 import nox
 
-nox.options.sessions = ["lint", "core", "megatron", "vllm", "vllm033", "sglang", "e2e", "upstream"]
+nox.options.sessions = ["lint", "core", "megatron", "megatron_layouts", "vllm", "vllm033", "sglang", "e2e", "upstream"]
 nox.options.error_on_missing_interpreters = True
 nox.options.default_venv_backend = "uv|virtualenv"
 
@@ -157,10 +157,23 @@ def core(session: nox.Session) -> None:
     _pytest(session, "tests/core", "tests/contract")
 
 
+# The export and adapter tests in every parallel layout (many multi-process cases) run as their own
+# session from the megatron lock, so `bash .ci/run` can run them beside the rest of tests/megatron.
+MEGATRON_LAYOUT_TESTS = ("tests/megatron/test_export_layouts.py", "tests/megatron/test_peft_layouts.py")
+
+
 @nox.session(python=PY312)
 def megatron(session: nox.Session) -> None:
+    """tests/megatron, except the layout matrix (`megatron_layouts`)."""
     install_locked(session, "megatron")
-    _pytest(session, "tests/megatron")
+    _pytest(session, "tests/megatron", *(f"--ignore={path}" for path in MEGATRON_LAYOUT_TESTS))
+
+
+@nox.session(python=PY312)
+def megatron_layouts(session: nox.Session) -> None:
+    """The patched exports and adapters in every parallel layout against world size 1 (megatron lock)."""
+    install_locked(session, "megatron")
+    _pytest(session, *MEGATRON_LAYOUT_TESTS)
 
 
 @nox.session(python=PY311)
