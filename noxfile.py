@@ -241,18 +241,37 @@ def sglang(session: nox.Session) -> None:
 UPSTREAM_TESTS = Path(os.environ.get("MOELORA_UPSTREAM_TESTS", ROOT.parent / "shared" / "upstream-tests"))
 
 
+def _megatron_bridge_git() -> Path | None:
+    """A local Megatron-Bridge git directory to read the pinned test files from: $MOELORA_MEGATRON_BRIDGE_GIT,
+    else ``megatron-bridge.git`` in the upstream cache folder (lanes/fetch_upstream_tests.py's cache_dir)."""
+    named = os.environ.get("MOELORA_MEGATRON_BRIDGE_GIT")
+    if named:
+        return Path(named)
+    base = Path(os.environ["MOELORA_CACHE"]) if os.environ.get("MOELORA_CACHE") else (
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moe-lora-plugins"
+    )
+    found = base / "upstream" / "megatron-bridge.git"
+    return found if found.is_dir() else None
+
+
 @nox.session(python=PY312)
 def upstream(session: nox.Session) -> None:
-    """Megatron-Bridge's own unit tests (listed in tests/upstream/sources.txt, fetched outside the repo),
-    each run twice, with and without the suite; fails on any test whose outcome differs."""
-    if not UPSTREAM_TESTS.is_dir():
+    """Megatron-Bridge's own unit tests (listed in tests/upstream/sources.txt, read from a local clone or
+    a folder outside the repo), each run twice, with and without the suite; fails on any test whose
+    outcome differs."""
+    tests = UPSTREAM_TESTS
+    git_dir = None if tests.is_dir() else _megatron_bridge_git()
+    if not tests.is_dir() and git_dir is None:
         session.skip(
-            f"no upstream test files in {UPSTREAM_TESTS}: run `python lanes/fetch_upstream_tests.py --git-dir "
-            "<a Megatron-Bridge clone> --out DIR` and set MOELORA_UPSTREAM_TESTS=DIR (tests/upstream/README.md)"
+            f"no upstream test files in {UPSTREAM_TESTS} and no Megatron-Bridge clone (MOELORA_MEGATRON_BRIDGE_GIT or "
+            "megatron-bridge.git in the upstream cache folder): see tests/upstream/README.md"
         )
     install_locked(session, "upstream")
+    if git_dir is not None:
+        tests = Path(session.invoked_from) / ".nox" / "upstream-tests-megatron-bridge"
+        session.run("python", "lanes/fetch_upstream_tests.py", "--git-dir", str(git_dir), "--out", str(tests))
     session.run(
-        "python", "tests/upstream/compare.py", "--tests", str(UPSTREAM_TESTS), "--only", "megatron_bridge",
+        "python", "tests/upstream/compare.py", "--tests", str(tests), "--only", "megatron_bridge",
         f"--junitxml={os.path.join(session.invoked_from, '.nox', 'junit-upstream.xml')}",
         *session.posargs,
         env={"MOELORA_LANE": "upstream"},

@@ -31,6 +31,7 @@ them when it wraps a module, and a model whose adapters are replaced has new par
 from __future__ import annotations
 
 import collections
+import inspect
 import itertools
 import weakref
 from typing import Any
@@ -101,6 +102,14 @@ def _chunks(megatron_model: Any) -> list[Any]:
     return list(megatron_model) if isinstance(megatron_model, (list, tuple)) else [megatron_model]
 
 
+def _cacheable(chunks: list[Any]) -> bool:
+    """Only real modules are cached: anything else (a test's stand-in, a wrapper we do not know) goes to
+    upstream on every call, unchanged."""
+    import torch
+
+    return bool(chunks) and all(isinstance(chunk, torch.nn.Module) for chunk in chunks)
+
+
 def _fingerprint(instance: Any, chunks: list[Any]) -> tuple[Any, ...]:
     import megatron.bridge.models.conversion.model_bridge as model_bridge
 
@@ -109,7 +118,12 @@ def _fingerprint(instance: Any, chunks: list[Any]) -> tuple[Any, ...]:
         getattr(type(instance), "mapping_registry", None),
         getattr(model_bridge, "_megatron_local_name_to_global", None),
     )
-    return tensors + functions
+    # functions set on the bridge object itself (a host's or a test's override of a method) take part too
+    overrides = tuple(
+        sorted((name, id(value)) for name, value in vars(instance).items()
+               if inspect.isfunction(value) or inspect.ismethod(value))
+    ) if hasattr(instance, "__dict__") else ()
+    return tensors + functions + overrides
 
 
 def _forget(key: tuple[Any, ...]) -> None:
@@ -139,6 +153,8 @@ def _reuse_or_build(wrapped: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
     """The cached value for ``key`` (and True) while the model's tensors are the same objects on every pipeline
     rank, else upstream's freshly built one (and False), which is remembered."""
     chunks = _chunks(megatron_model)
+    if not _cacheable(chunks):
+        return wrapped(*args, **kwargs), False
     fingerprint = _fingerprint(instance, chunks)
     entry = _cache.get(key)
     reusable = entry is not None and entry.fingerprint == fingerprint
@@ -176,6 +192,8 @@ def build_conversion_tasks(wrapped: Any, instance: Any, args: tuple[Any, ...], k
     call = bind_call(wrapped, args, kwargs)
     hf_pretrained, megatron_model = call["hf_pretrained"], call["megatron_model"]
     chunks = _chunks(megatron_model)
+    if not _cacheable(chunks):
+        return wrapped(*args, **kwargs)
     key = (type(instance), id(hf_pretrained), tuple(id(c) for c in chunks), call.get("weight_dtype"))
     fingerprint = _fingerprint(instance, chunks)
     entry = _cache.get(key)
