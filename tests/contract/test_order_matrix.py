@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 from moe_lora_plugins.patches import all_specs
+from moe_lora_plugins.registry import MODES
 from moe_lora_plugins.testing.contract import is_module_level, make_standin_site, run_case
 
 SPECS = all_specs()
@@ -69,8 +70,10 @@ def test_revert_without_apply_changes_nothing(spec, site):
 @pytest.mark.parametrize("strict", [False, True], ids=["logged", "strict"])
 @pytest.mark.parametrize("spec", SPECS, ids=_ids)
 def test_out_of_range_version_is_never_applied_and_is_loud(spec, strict, tmp_path):
+    """Loud when it matters: a patch serving an opt-in mode is checked with that mode switched on."""
     out_site = make_standin_site(tmp_path, spec, in_range=False)
-    r = _check(run_case(spec.id, "out_of_range", site=out_site, strict=strict))
+    mode_on = {MODES[spec.mode]: "1"} if spec.mode else None
+    r = _check(run_case(spec.id, "out_of_range", site=out_site, strict=strict, extra_env=mode_on))
     assert (r["status"], r["untouched"]) == ("incompatible", True)
     assert r["raised"] == ("IncompatibleVersionError" if strict else None)
     assert spec.versions in r["detail"]
@@ -123,3 +126,27 @@ def test_signature_drift_is_never_applied(spec, strict, tmp_path):
 def test_stale_from_import_copies_are_rebound_and_restored(spec, site):
     r = _check(run_case(spec.id, "stale_copy", site=site))
     assert (r["status"], r["copy_rebound"], r["copy_restored"]) == ("applied", True, True)
+
+
+MODE_SPECS = [s for s in SPECS if s.mode]
+SUPERSEDED_SPECS = [s for s in SPECS if s.superseded_from]
+
+
+@pytest.mark.parametrize("spec", MODE_SPECS, ids=_ids)
+def test_out_of_range_mode_patch_is_unsupported_and_quiet_while_its_mode_is_off(spec, tmp_path):
+    out_site = make_standin_site(tmp_path, spec, in_range=False)
+    r = _check(run_case(spec.id, "out_of_range", site=out_site, strict=True))
+    assert (r["status"], r["untouched"], r["raised"]) == ("unsupported", True, None)
+    assert f"{spec.mode} mode cannot be used" in r["detail"]
+
+
+@pytest.mark.parametrize("spec", SUPERSEDED_SPECS, ids=_ids)
+def test_a_version_that_carries_the_fix_reads_superseded_even_under_strict(spec, tmp_path):
+    fixed_site = make_standin_site(tmp_path, spec, in_range=False, version=spec.superseded_from)
+    r = _check(run_case(spec.id, "out_of_range", site=fixed_site, strict=True))
+    assert (r["status"], r["untouched"], r["raised"]) == ("superseded", True, None)
+    assert "carries the fix itself" in r["detail"]
+
+
+def test_the_matrix_covers_both_retirement_kinds():
+    assert MODE_SPECS and SUPERSEDED_SPECS

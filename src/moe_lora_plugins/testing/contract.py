@@ -158,21 +158,24 @@ def standin_source(spec: PatchSpec, *, signature: str | None = None, with_symbol
 
 def make_standin_site(
     root: Path, spec: PatchSpec, *, in_range: bool = True, signature: str | None = None, with_symbol: bool = True,
-    omit_required: str | None = None,
+    omit_required: str | None = None, version: str | None = None,
 ) -> Path:
     """A directory to put first on ``sys.path``: the target module, stand-ins of every symbol the spec
-    requires (but ``omit_required``) and the target distribution's metadata."""
+    requires (but ``omit_required``) and the target distribution's metadata (``version``, else one
+    inside or outside the spec's range as ``in_range`` says)."""
     site = root / f"site-{spec.id}-{'in' if in_range else 'out'}-{'sym' if with_symbol else 'nosym'}"
     if signature:
         site = site.with_name(site.name + "-drift")
     if omit_required:
         site = site.with_name(site.name + "-without-" + re.sub(r"\W", "_", omit_required))
+    if version is not None:
+        site = site.with_name(site.name + "-" + version)
     required = required_symbol_modules(spec, omit=omit_required)
     write_module(site, spec.target,
                  standin_source(spec, signature=signature, with_symbol=with_symbol, extra=required.pop(spec.target, None)))
     for module, tree in required.items():
         write_module(site, module, f'"""Stand-in required by {spec.id}."""\n' + _render(tree))
-    version = version_inside(spec) if in_range else version_outside(spec)
+    version = version or (version_inside(spec) if in_range else version_outside(spec))
     write_distribution(site, spec.distributions[0], version)
     return site
 
@@ -388,12 +391,15 @@ def run_case(
     strict: bool = False,
     timeout: float = 300,
     prelude: str = "",
+    extra_env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Run one contract case for one spec in a fresh interpreter; return the observed facts."""
+    """Run one contract case for one spec in a fresh interpreter; return the observed facts. The child
+    sees no ``MOELORA_*`` variable of this process, only those in ``extra_env``."""
     env = dict(os.environ)
     for name in list(env):
         if name.startswith("MOELORA_"):
             del env[name]
+    env.update(extra_env or {})
     if site is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(site), *filter(None, [env.get("PYTHONPATH")])])
     proc = subprocess.run(
