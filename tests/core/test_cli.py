@@ -220,7 +220,8 @@ def test_the_installed_console_script_runs_doctor_json():
 
 def test_the_source_tree_holds_no_wheels():
     """Build tools come from the package index (the lint lane installs ruff from PyPI), never from the tree."""
-    wheels = sorted(str(p.relative_to(REPO)) for p in [*REPO.glob("*.whl"), *REPO.glob("src/**/*.whl")])
+    found = [*REPO.glob("*.whl"), *REPO.glob("src/**/*.whl")]
+    wheels = sorted(str(p.relative_to(REPO)) for p in found if p.is_file())  # a `.whl/` folder is not a wheel
     assert wheels == []
 
 
