@@ -154,8 +154,8 @@ def check_spec(
         elif version is None:
             row["status"] = "absent"
         elif not in_range:
-            row["status"] = out_of_range_status(spec, dist or "", version)[0].value
-            row["detail"] = out_of_range_status(spec, dist or "", version)[1]
+            status, row["detail"] = out_of_range_status(spec, dist or "", version)
+            row["status"] = status.value
         elif row["resolvable"] is False:
             row["status"] = "error" if row.get("import_error") else "missing-symbol"
         elif False in row["requires"].values():

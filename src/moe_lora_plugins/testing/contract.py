@@ -9,8 +9,9 @@ installed package is the target (the host lanes do that).
 Cases: ``import_then_apply``, ``apply_then_import``, ``apply_twice``, ``apply_revert_apply``,
 ``revert_without_apply``, ``out_of_range``, ``missing_symbol``, ``missing_required`` (a symbol in the
 spec's ``requires`` is gone), ``drift``, ``stale_copy``; and
-``real_lifecycle`` (apply before import, import, revert, apply again, all in one process), which
-the host lanes run once per spec because importing a real host package takes seconds.
+``real_lifecycle_each`` (for each listed spec alone: apply before import, import, revert, apply
+again, deactivate), which the host lanes run for all their specs in one interpreter because importing
+a real host package takes seconds.
 """
 
 from __future__ import annotations
@@ -347,19 +348,6 @@ try:
                 found["restored_after_deactivate"] = current() is original if found["status"] == "applied" else None
             except Exception as exc:
                 found["error"] = f"{type(exc).__name__}: {exc}"
-    elif case == "real_lifecycle":
-        activate(environ=env)
-        out["status_before_import"] = registry.status(spec_id).value
-        imp()
-        out["status"] = registry.status(spec_id).value
-        out["detail"] = registry.detail(spec_id)
-        if out["status"] == "applied":
-            original = registry.original(spec_id)
-            out["replaced"] = current() is not original
-            registry.revert(spec_id)
-            out["restored"] = current() is original
-            registry.apply(spec_id)
-            out["reapplied"] = registry.status(spec_id).value
     elif case == "stale_copy":
         imp(); original = current()
         module = importlib.import_module(spec.target)
@@ -424,18 +412,9 @@ def is_module_level(spec: PatchSpec) -> bool:
     return "." not in spec.attribute
 
 
-def assert_real_lifecycle(spec: PatchSpec, prelude: str = "") -> None:
-    """On the real installed package: applied (target resolves, fingerprint matches), revert restores
-    the original object, and the patch applies again."""
-    r = run_case(spec.id, "real_lifecycle", real=True, prelude=prelude)
-    assert "error" not in r, r["error"] + r["stderr"]
-    assert r["status_before_import"] in ("pending", "applied")  # a prelude may import the target first
-    assert r["status"] == "applied", r["detail"]
-    assert (r["replaced"], r["restored"], r["reapplied"]) == (True, True, "applied")
-
-
 def real_lifecycles(specs: list[PatchSpec], prelude: str = "", timeout: float = 1200) -> dict[str, dict[str, Any]]:
-    """The :func:`assert_real_lifecycle` facts for every spec, gathered in ONE fresh interpreter.
+    """Each spec's real-package lifecycle facts (applied, revert restores, re-applies), gathered in ONE
+    fresh interpreter.
 
     Each spec is activated alone (``MOELORA_PATCHES`` names only it), checked, then the suite is
     deactivated before the next one, so every patch must also revert exactly for the later ones to
