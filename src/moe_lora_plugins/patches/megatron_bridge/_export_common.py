@@ -242,6 +242,12 @@ def _expert_adapters(chunks: list[Any]) -> list[tuple[tuple[int, str], Any]]:
     return found
 
 
+def expert_adapter_params(chunks: list[Any]) -> list[tuple[tuple[int, str], Any]]:
+    """The model's SequentialMLP expert adapter parameters as ((vp_stage, local name), parameter) pairs,
+    found once per model."""
+    return _expert_adapters(chunks)
+
+
 def all_gather_flat(tensors: list[Any], group: Any) -> list[list[Any]]:
     """Every EP rank's ``tensors`` (one dtype, the same shapes on every rank), in rank order, through one
     ``all_gather_into_tensor`` of a flat buffer. This rank's entry is ``tensors`` itself (the gather

@@ -61,6 +61,12 @@ def merge_lora_adapter_weights(wrapped: Any, instance: Any, args: tuple[Any, ...
     converted = args[1] if len(args) > 1 else kwargs["converted_weights_dict"]
     group, size = ep_group_and_size(models)
     if size == 1 or not converted:
+        if converted:
+            from moe_lora_plugins.patches.megatron_bridge.batched_merge import merge_tagged
+
+            merged = merge_tagged(instance, models, converted, adapters[0])
+            if merged is not None:
+                return merged
         return wrapped(*args, **kwargs)
     adapter = adapters[0]
     linear_in_all = prefetched_expert_adapter(models, adapter.linear_in_weight.vp_stage, adapter.linear_in_weight.param_name)
