@@ -5,7 +5,10 @@ weight of local expert ``L`` from every EP rank (global experts ``L + k * E/EP``
 upstream merges this rank's adapter into all of them. The wrapper all-gathers the (already TP /
 PP materialized) adapter over the expert-parallel group (one flat ``all_gather``) and merges each
 expert with its owner's adapter through upstream's own fc1 split and ``_merge_single_adapter_weight``,
-the steps upstream takes at world size 1, so the result is bitwise the world-size-1 merge. Every other adapter (dense, grouped experts, EP = 1) goes to upstream untouched.
+the steps upstream takes at world size 1, so the result is bitwise the world-size-1 merge. At EP = 1 a
+SequentialMLP expert adapter materialized by ``megatron_bridge.batched_expert_merge`` (see
+``batched_merge``) is merged from its block's batched deltas, bitwise upstream's merge; every other
+adapter (dense, grouped experts, EP = 1 without that patch) goes to upstream untouched.
 """
 
 from __future__ import annotations
