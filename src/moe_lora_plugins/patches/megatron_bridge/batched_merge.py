@@ -159,6 +159,7 @@ class _ModelState:
             if match:
                 key = (vp_stage, match["prefix"], match["rest"])
                 self.siblings.setdefault(key, {})[int(match["expert"])] = param
+        self.resolved: dict[tuple[int, str, str], tuple[dict[int, Any], dict[int, Any], int] | None] = {}
         self.blocks: collections.OrderedDict[tuple[Any, ...], _Block] = collections.OrderedDict()
 
 
@@ -177,17 +178,29 @@ def _state(models: Any) -> _ModelState:
     return state
 
 
-def _factors(state: _ModelState, weight: Any) -> tuple[dict[int, Any], int] | None:
-    """All experts' parameters of the same layer and role as ``weight`` (a MegatronWeightTuple) and its
-    expert number, if ``weight`` is one of them (the very object)."""
-    match = _EXPERT_NAME.match(weight.param_name)
-    if match is None:
+def _resolve(state: _ModelState, adapter: Any) -> tuple[dict[int, Any], dict[int, Any], int] | None:
+    """All experts' A and B parameters of the same layer and projection as ``adapter`` and its expert number
+    (resolved once per parameter name pair), if its tensors are those very parameters."""
+    linear_in, linear_out = adapter.linear_in_weight, adapter.linear_out_weight
+    key = (linear_in.vp_stage or 0, linear_in.param_name, linear_out.param_name)
+    if key not in state.resolved:
+        state.resolved[key] = _resolve_names(state, *key)
+    found = state.resolved[key]
+    if found is None or found[0].get(found[2]) is not linear_in.weight or found[1].get(found[2]) is not linear_out.weight:
         return None
-    experts = state.siblings.get((weight.vp_stage or 0, match["prefix"], match["rest"]))
-    expert = int(match["expert"])
-    if experts is None or experts.get(expert) is not weight.weight:
+    return found
+
+
+def _resolve_names(state: _ModelState, vp_stage: int, in_name: str, out_name: str
+                   ) -> tuple[dict[int, Any], dict[int, Any], int] | None:
+    match_in, match_out = _EXPERT_NAME.match(in_name), _EXPERT_NAME.match(out_name)
+    if match_in is None or match_out is None or match_in["expert"] != match_out["expert"]:
         return None
-    return experts, expert
+    lora_a = state.siblings.get((vp_stage, match_in["prefix"], match_in["rest"]))
+    lora_b = state.siblings.get((vp_stage, match_out["prefix"], match_out["rest"]))
+    if lora_a is None or lora_b is None or sorted(lora_a) != list(range(len(lora_a))) or sorted(lora_b) != sorted(lora_a):
+        return None
+    return lora_a, lora_b, int(match_in["expert"])
 
 
 def merge_tagged(instance: Any, models: Any, converted: dict[str, Any], adapter: Any) -> dict[str, Any] | None:
@@ -200,13 +213,10 @@ def merge_tagged(instance: Any, models: Any, converted: dict[str, Any], adapter:
     if instance._is_gdn_in_proj_split(names):
         return None
     state = _state(models)
-    found_in = _factors(state, adapter.linear_in_weight)
-    found_out = _factors(state, adapter.linear_out_weight)
-    if found_in is None or found_out is None or found_in[1] != found_out[1]:
+    found = _resolve(state, adapter)
+    if found is None:
         return None
-    (lora_a, expert), (lora_b, _) = found_in, found_out
-    if len(lora_a) != len(lora_b) or sorted(lora_a) != list(range(len(lora_a))):
-        return None
+    lora_a, lora_b, expert = found
     base0 = converted[names[0]]
     fused = instance._is_fused_fc1_gate_up(names, lora_b[expert], base0.shape)
     if fused:
