@@ -1,7 +1,7 @@
 """CPU proxy: a merged export's cost over a plain one, with and without the batched expert merge.
 
-World size 1 on the CPU (gloo), a small Qwen3-MoE bf16 model (hidden 64, ``--experts`` experts of
-32, ``--layers`` layers, LoRA r=16 alpha=32 on every linear including each expert), the suite active.
+World size 1 on the CPU (gloo), a small Qwen3-MoE bf16 model (``--hidden`` 64, ``--experts`` experts
+of ``--ffn`` 32, ``--layers`` layers, LoRA r=16 alpha=32 on every linear including each expert), the suite active.
 Three states alternate round by round: upstream (suite off), the suite with the batched expert merge
 disabled (``megatron_bridge.batched_expert_merge`` reverted: upstream's per-tensor merge) and the
 full suite. Each timed call is a fresh ``export_hf_weights(model, cpu=False, show_progress=False,
@@ -9,7 +9,8 @@ merge_adapter_weights=...)`` iterated to the end. Before timing, the merged expo
 states are compared tensor by tensor (``torch.equal``). Then one merged export of each suite state is
 profiled (cProfile, top functions by own time).
 
-    python benchmarks/merge_cpu_profile.py [--experts 32] [--layers 4] [--rounds 7] [--out f.json]
+    python benchmarks/merge_cpu_profile.py [--experts 32] [--layers 4] [--hidden 64] [--ffn 32] [--rounds 7]
+        [--out f.json]
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def _profile(built: Any) -> str:
     return text.getvalue()
 
 
-def run(experts: int, layers: int, rounds: int) -> dict[str, Any]:
+def run(experts: int, layers: int, rounds: int, hidden: int = 64, ffn: int = 32) -> dict[str, Any]:
     import torch
 
     from moe_lora_plugins.testing.distributed import init_single_process_group
@@ -83,7 +84,8 @@ def run(experts: int, layers: int, rounds: int) -> dict[str, Any]:
     )
 
     init_single_process_group()
-    config = tiny_qwen3_moe_config(torch_dtype="bfloat16", num_experts=experts, num_hidden_layers=layers)
+    config = tiny_qwen3_moe_config(torch_dtype="bfloat16", num_experts=experts, num_hidden_layers=layers,
+                                   hidden_size=hidden, moe_intermediate_size=ffn)
     built = build_lora_model(config, lora=LoraSettings(dim=16, alpha=32), dtype=torch.bfloat16, device="cpu")
     fill_from_global_names(built)
     exports = {}
@@ -110,7 +112,7 @@ def run(experts: int, layers: int, rounds: int) -> dict[str, Any]:
         profiles[state] = _profile(built)
     _set_state("suite")
     return {
-        "model": {"experts": experts, "layers": layers, "hidden": 64, "expert_ffn": 32, "rank": 16,
+        "model": {"experts": experts, "layers": layers, "hidden": hidden, "expert_ffn": ffn, "rank": 16,
                   "merged_tensors": len(reference)},
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -126,9 +128,11 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=32)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--ffn", type=int, default=32, help="each expert's intermediate size")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    result = run(args.experts, args.layers, args.rounds)
+    result = run(args.experts, args.layers, args.rounds, args.hidden, args.ffn)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k != "profiles_merged"}, indent=1))
