@@ -81,15 +81,15 @@ def batched_merge_worker(hf_config: Any, lora: LoraSettings, dtype_name: str) ->
         # several blocks per layer (3 experts each)
         experts = hf_config.num_experts
         out_f, in_f = hf_config.moe_intermediate_size, hf_config.hidden_size
-        saved_budget = batched_merge.BLOCK_BUDGET_BYTES
-        batched_merge.BLOCK_BUDGET_BYTES = 3 * 2 * out_f * in_f * 4
+        saved_budget = batched_merge.CPU_BLOCK_BUDGET_BYTES
+        batched_merge.CPU_BLOCK_BUDGET_BYTES = 3 * 2 * out_f * in_f * 4
         try:
             reset_counts()
             out["small_blocks_equal"] = same(run_export(built, "merged"), upstream)
             out["small_blocks_batched_calls"] = counts["batched"]
             out["small_blocks_max_live"] = counts["max_live"]
         finally:
-            batched_merge.BLOCK_BUDGET_BYTES = saved_budget
+            batched_merge.CPU_BLOCK_BUDGET_BYTES = saved_budget
 
         # deltas that are not upstream's (a GPU whose bmm reduces in another order): per-tensor fallback
         def off_by_one_ulp(*args: Any, **kwargs: Any) -> Any:

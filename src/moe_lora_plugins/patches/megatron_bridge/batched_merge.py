@@ -23,8 +23,9 @@ fit is merged by upstream. Everything else (other layouts, dense and grouped ada
 LoRA) is upstream's unchanged; reverting this patch gives upstream's per-tensor merge.
 
 Memory: at most two blocks live (the current gate/up block and down block), each at most
-``BLOCK_BUDGET_BYTES`` of float32 deltas (128 MiB: 10 experts of gate+up and 21 of down at the
-anchor shapes); a block is freed when its last expert is merged, and dropped with its model.
+``BLOCK_BUDGET_BYTES`` of float32 deltas on an accelerator (128 MiB: 10 experts of gate+up and 21 of
+down at the anchor shapes; ``CPU_BLOCK_BUDGET_BYTES``, 4 MiB, on the CPU); a block is freed when its
+last expert is merged, and dropped with its model.
 """
 
 from __future__ import annotations
@@ -72,7 +73,10 @@ SPECS = (
 
 log = logging.getLogger(__name__)
 
-BLOCK_BUDGET_BYTES = 128 << 20  # float32 deltas per block; at most two blocks are alive
+BLOCK_BUDGET_BYTES = 128 << 20  # float32 deltas per block on an accelerator; at most two blocks are alive
+# on the CPU a block stays small: large fresh buffers cost page faults there (no caching allocator) and the
+# matmul itself, not the launches, is the cost
+CPU_BLOCK_BUDGET_BYTES = 4 << 20
 MAX_LIVE_BLOCKS = 2
 
 _EXPERT_NAME = re.compile(r"^(?P<prefix>.*\.local_experts\.)(?P<expert>\d+)(?P<rest>\..+)$")
@@ -265,7 +269,8 @@ def _block(instance: Any, state: _ModelState, adapter: Any, lora_a: dict[int, An
     from moe_lora_plugins.merge.batched import batched_deltas, deltas_match_per_expert, experts_per_block
 
     out_features, in_features = base.shape
-    per_block = experts_per_block(out_features, in_features, 2 if fused else 1, BLOCK_BUDGET_BYTES)
+    budget = CPU_BLOCK_BUDGET_BYTES if base.device.type == "cpu" else BLOCK_BUDGET_BYTES
+    per_block = experts_per_block(out_features, in_features, 2 if fused else 1, budget)
     start = expert - expert % per_block
     count = min(per_block, len(lora_a) - start)
     key = (id(lora_a), fused, start, base.device, base.dtype)
