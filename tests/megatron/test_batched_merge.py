@@ -207,3 +207,50 @@ def test_batched_merge_is_bitwise_upstreams_and_falls_back_where_it_must(dtype, 
     # reverted: upstream's merge only
     assert r["reverted_batched_calls"] == 0 and r["reverted_single_merges"] == r["upstream_single_merges"], r
     assert r["materialized_tasks"] == 2 * layers * experts and r["materialized_agree"], r
+
+
+def merged_export_peaks_worker(hf_config: Any, lora: LoraSettings, budget: int) -> dict[str, Any]:
+    """Peak resident growth of one merged export, upstream's per-tensor merge vs the batched one (blocks of
+    ``budget`` bytes)."""
+    import torch
+
+    import moe_lora_plugins
+    from moe_lora_plugins.activation import get_registry
+    from moe_lora_plugins.patches.megatron_bridge import batched_merge
+    from moe_lora_plugins.testing.merge_memory import malloc_returns_memory_at_once, peak_during
+    from moe_lora_plugins.testing.tiny_models import build_lora_model, fill_from_global_names
+
+    malloc_returns_memory_at_once()
+    batched_merge.CPU_BLOCK_BUDGET_BYTES = budget
+    built = build_lora_model(hf_config, ParallelLayout(), lora, dtype=torch.bfloat16)
+    fill_from_global_names(built)
+
+    def merged() -> None:
+        for item in built.bridge.export_hf_weights(built.model, cpu=True, show_progress=False,
+                                                   merge_adapter_weights=True):
+            del item
+
+    moe_lora_plugins.activate(role="trainer")
+    registry = get_registry()
+    peaks: dict[str, list[int]] = {"per_tensor": [], "batched": []}
+    for _ in range(3):
+        for state in ("per_tensor", "batched"):
+            registry.revert(BATCHED_ID) if state == "per_tensor" else registry.apply(BATCHED_ID)
+            merged()  # warm: tasks cached, first-block checks done
+            peaks[state].append(peak_during(merged))
+    largest_expert = max(p.numel() for n, p in built.model[0].named_parameters() if ".local_experts." in n)
+    return {"peaks": {k: min(v) for k, v in peaks.items()}, "budget": batched_merge.CPU_BLOCK_BUDGET_BYTES,
+            "largest_expert_fp32_bytes": largest_expert * 4}
+
+
+def test_batched_merge_holds_at_most_two_blocks_beyond_upstreams_peak():
+    config = tiny_qwen3_moe_config(hidden_size=256, moe_intermediate_size=256, intermediate_size=512, num_experts=16,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=512,
+                                   num_hidden_layers=2)
+    lora = LoraSettings(dim=8, alpha=16, share_expert_adapters=False)
+    # 1 MiB blocks: 2 experts of gate+up, 4 of down; one layer's deltas would be 12 MiB, the model's 24
+    [r] = run_distributed(merged_export_peaks_worker, 1, (config, lora, 1 << 20))
+    extra = r["peaks"]["batched"] - r["peaks"]["per_tensor"]
+    # two live blocks of at most the budget each (a block holds at least one expert), plus page slack
+    bound = 2 * max(r["budget"], 2 * r["largest_expert_fp32_bytes"]) + (4 << 20)
+    assert extra <= bound, r
