@@ -84,7 +84,7 @@ def _shape(tensor: Any) -> tuple[int, ...] | None:
         shape = tensor.shape
         if not isinstance(shape, tuple):
             return None
-        return tuple(operator.index(dim) for dim in shape)
+        return tuple(map(operator.index, shape))
     except Exception:  # a tensor-like whose shape cannot be read is passed through unchecked
         return None
 
