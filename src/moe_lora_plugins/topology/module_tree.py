@@ -59,7 +59,7 @@ class ModuleTreeSnapshot:
     def unchanged(self, roots: Sequence[Any]) -> bool:
         """Whether ``roots`` are the recorded roots and every module of their trees still holds the same
         parameter, buffer and submodule objects under the same names."""
-        if len(roots) != len(self._roots) or any(ref() is not root for ref, root in zip(self._roots, roots)):
+        if len(roots) != len(self._roots) or any(ref() is not root for ref, root in zip(self._roots, roots, strict=True)):
             return False
         if not all(map(operator.is_, map(vars, roots), self._root_dicts)):
             return False  # (only roots: an inner module replaced shows as a new object in its parent's slot)

@@ -11,9 +11,10 @@ objects, so for the same bridge class, HF metadata, model chunks and export dtyp
 list.
 
 The wrapper keeps the last list per (bridge class, HF metadata, model chunks, dtype) and returns a
-copy while every parameter and buffer of the chunks is still the same object and the name and
-mapping functions in force are the ones it was built with (so applying or reverting another patch
-rebuilds). Under pipeline parallelism the ranks of the pipeline group agree first (one all-reduce of
+copy while every module of the chunks still holds the same parameter, buffer and submodule objects
+under the same names (a :class:`~moe_lora_plugins.topology.module_tree.ModuleTreeSnapshot`: slot dicts
+compared by identity at C speed, no ``named_modules`` walk per call) and the name and mapping functions
+in force are the ones it was built with (so applying or reverting another patch rebuilds). Under pipeline parallelism the ranks of the pipeline group agree first (one all-reduce of
 a flag): they reuse only if every rank can, otherwise every rank builds again, so upstream's gather
 inside the build is always entered by all of them. The cache drops an entry when its model chunks
 are garbage-collected. The export stream reads the parameters' current values, so new weights after
@@ -59,7 +60,10 @@ SPECS = (
         remove_when="Megatron-Bridge caches conversion tasks per model (and keeps one model bridge per AutoBridge)",
         verified="megatron-bridge 0.6.2: CPU gloo world size 1, EP=2 and PP=2, repeated plain and merged exports "
         "bitwise equal to rebuilt tasks', a replaced parameter rebuilds the tasks, an optimizer step's new values "
-        "are exported; 1xH200 export benchmark (benchmarks/RESULTS-export.md).",
+        "are exported; the validity check sees every replaced, added, removed or renamed parameter, buffer or "
+        "submodule (tests/core/test_topology_module_tree.py); 1xH200 export benchmark "
+        "(benchmarks/RESULTS-export.md).",
+        requires=("megatron.bridge.models.conversion.model_bridge:_get_pp_group",),
     ),
     PatchSpec(
         id="megatron_bridge.adapter_conversion_tasks_cache",
@@ -83,6 +87,7 @@ SPECS = (
         verified="megatron-bridge 0.6.2: CPU gloo world size 1, EP=2 and PP=2: repeated merged exports bitwise "
         "equal to upstream's, a replaced adapter parameter rebuilds the tasks, an optimizer step's new adapter "
         "values are merged.",
+        requires=("megatron.bridge.models.conversion.model_bridge:_get_pp_group",),
     ),
 )
 
