@@ -4,8 +4,8 @@ Wraps ``QKVMapping.megatron_to_hf``. Upstream makes a pickle-safe shallow copy o
 config on every call (``remove_non_pickleables``, a recursive walk of every config field three levels
 deep) so that it can broadcast it over the pipeline group, and then only reads four head-count fields
 from it to split Q, K and V. With one pipeline stage the broadcast returns its argument unchanged, so
-the copy is thrown away after those reads: on the CPU proxy of the anchor model (8 layers) it is ~10 %
-of a plain export's Python. With a pipeline group of one rank and a module at hand, the wrapper reads
+the copy is thrown away after those reads: on the CPU proxy of the anchor model (8 layers) it was ~10 %
+of a profiled plain export. With a pipeline group of one rank and a module at hand, the wrapper reads
 the same fields from the live config (the copy's fields are the same objects) and does the rest as
 upstream does (dequantize, the TP mapping's gather, the split); anything else goes to upstream.
 """
@@ -29,7 +29,7 @@ SPECS = (
         why=(
             "Every QKV export builds a pickle-safe copy of the whole transformer config to broadcast it over the "
             "pipeline group, also with one pipeline stage, where the broadcast hands it back unchanged: ~10 % of a "
-            "world-size-1 plain export's Python on the anchor model's CPU proxy, paid at every weight sync."
+            "profiled world-size-1 plain export on the anchor model's CPU proxy, paid at every weight sync."
         ),
         upstream="Megatron-Bridge 0.6.2 param_mapping.QKVMapping.megatron_to_hf (remove_non_pickleables before "
         "broadcast_obj_from_pp_rank)",
