@@ -21,6 +21,14 @@ float32 are reported side by side. Every timed round counts the grouped calls: t
 must make two per MoE layer, the others none, or the script stops.
 
     python benchmarks/step_bench.py --out step.json [--rounds 5] [--warmup 2] [--layers 8]
+
+A CPU proxy of the per-call (Python and dispatch) overhead, where the matmuls are small and
+float32 (the CPU runs bf16 and ``torch._grouped_mm`` in bf16 slowly, which would hide the overhead):
+
+    python benchmarks/step_bench.py --tiny --dtype float32 --experts 128 --layers 4 --batch 1 --seq 128 \
+        --modes lora_attention,lora_experts_upstream,lora_experts_grouped --out cpu.json
+    python benchmarks/step_bench.py --diagnose --dtype float32 --experts 128 --layers 4 --batch 1 --seq 128 \
+        --profile-steps 5 --out cpu-diagnose.json
 """
 
 from __future__ import annotations
@@ -50,13 +58,16 @@ MODES = (
 )
 
 
+DTYPE = "bfloat16"  # of the models and their activations; --dtype float32 for the CPU proxy
+
+
 def issue_config(layers: int = 8, experts: int = 128, tiny: bool = False) -> Any:
     from transformers import Qwen3MoeConfig
 
     if tiny:  # a CPU smoke run of this script
         from moe_lora_plugins.testing.tiny_models import tiny_qwen3_moe_config
 
-        return tiny_qwen3_moe_config(num_hidden_layers=layers, num_experts=experts, torch_dtype="bfloat16")
+        return tiny_qwen3_moe_config(num_hidden_layers=layers, num_experts=experts, torch_dtype=DTYPE)
     return Qwen3MoeConfig(
         vocab_size=32000,
         hidden_size=2048,
@@ -70,7 +81,7 @@ def issue_config(layers: int = 8, experts: int = 128, tiny: bool = False) -> Any
         num_experts_per_tok=8,
         max_position_embeddings=4096,
         tie_word_embeddings=False,
-        torch_dtype="bfloat16",
+        torch_dtype=DTYPE,
         architectures=["Qwen3MoeForCausalLM"],
     )
 
@@ -94,7 +105,7 @@ def _build(config: Any, lora: LoraSettings | None) -> Any:
     from moe_lora_plugins.testing.tiny_models import ParallelLayout, build_lora_model, fill_from_global_names
 
     device = _device()
-    built = build_lora_model(config, ParallelLayout(), lora, dtype=torch.bfloat16, device=device)
+    built = build_lora_model(config, ParallelLayout(), lora, dtype=getattr(torch, DTYPE), device=device)
     fill_from_global_names(built, generate_on=device)
     return built.model[0]
 
@@ -273,7 +284,9 @@ def run(
 
     config = issue_config(layers, experts, tiny)
     device_name = torch.cuda.get_device_name() if cuda else "cpu"
-    result: dict[str, Any] = {"device": device_name, "batch": batch, "seq": seq, "layers": layers, "experts": experts}
+    result: dict[str, Any] = {
+        "device": device_name, "dtype": DTYPE, "batch": batch, "seq": seq, "layers": layers, "experts": experts
+    }
     start = time.perf_counter()
     models = {"base": _build(config, None)}
     cpu_training.install()  # the CUDA RNG fork around attention dropout (0 here)
@@ -326,9 +339,12 @@ def run(
     return result
 
 
-def diagnose(layers: int = 8, experts: int = 128, batch: int = 4, seq: int = 2048) -> dict[str, Any]:
+def diagnose(
+    layers: int = 8, experts: int = 128, batch: int = 4, seq: int = 2048, profile_steps: int = 1
+) -> dict[str, Any]:
     """Where the grouped step's time goes next to the attention-only step: forward-only and
-    forward+backward times of each, and a cProfile of one step of each (top functions by own time)."""
+    forward+backward times of each, and a cProfile of ``profile_steps`` steps of each (top functions by
+    own time, and the profile's total)."""
     import cProfile
     import io
     import pstats
@@ -359,16 +375,21 @@ def diagnose(layers: int = 8, experts: int = 128, batch: int = 4, seq: int = 204
                 times[mode][what].append(time.perf_counter() - start)
     result["times_median"] = {m: {w: statistics.median(v[1:]) for w, v in d.items()} for m, d in times.items()}
     result["profiles"] = {}
-    for mode in ("lora_attention", "lora_experts_grouped"):
-        _enter(mode)
-        profiler = cProfile.Profile()
-        _sync()
-        profiler.enable()
-        _step(models[cases[mode]], inputs, backward=True)
-        _sync()
-        profiler.disable()
+    result["profile_seconds_per_step"] = {}
+    profilers = {mode: cProfile.Profile() for mode in ("lora_attention", "lora_experts_grouped")}
+    for _ in range(profile_steps):  # interleaved, as the timed rounds
+        for mode, profiler in profilers.items():
+            _enter(mode)
+            _sync()
+            profiler.enable()
+            _step(models[cases[mode]], inputs, backward=True)
+            _sync()
+            profiler.disable()
+    for mode, profiler in profilers.items():
         text = io.StringIO()
-        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(22)
+        stats = pstats.Stats(profiler, stream=text)
+        result["profile_seconds_per_step"][mode] = stats.total_tt / profile_steps
+        stats.sort_stats("tottime").print_stats(30)
         result["profiles"][mode] = text.getvalue()
     return result
 
@@ -384,16 +405,21 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--tiny", action="store_true", help="tiny model (hidden 64): a CPU smoke run")
     parser.add_argument("--diagnose", action="store_true", help="time breakdown and profiles instead of the table")
+    parser.add_argument("--dtype", default=DTYPE, choices=("bfloat16", "float32"), help="of the models (default bfloat16)")
+    parser.add_argument("--profile-steps", type=int, default=1, help="--diagnose: steps profiled per mode")
     parser.add_argument("--modes", default="", help=f"comma-separated subset of {', '.join(MODES)} (default: all)")
     args = parser.parse_args()
     only = [m for m in args.modes.split(",") if m]
     unknown = sorted(set(only) - set(MODES))
     if unknown:
         parser.error(f"--modes: unknown {unknown}; choose from {list(MODES)}")
+    global DTYPE
+    DTYPE = args.dtype
     if args.diagnose:
-        result = diagnose(args.layers, args.experts, args.batch, args.seq)
+        result = diagnose(args.layers, args.experts, args.batch, args.seq, args.profile_steps)
         Path(args.out).write_text(json.dumps(result, indent=1))
-        print(json.dumps({k: result[k] for k in ("check_whole_model", "times_median")}, indent=1))
+        shown = ("check_whole_model", "times_median", "profile_seconds_per_step")
+        print(json.dumps({k: result[k] for k in shown}, indent=1))
         for name, text in result["profiles"].items():
             print(f"==== {name}\n{text}")
         return
