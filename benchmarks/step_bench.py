@@ -395,6 +395,7 @@ def diagnose(
 
 
 def main() -> None:
+    global DTYPE
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--rounds", type=int, default=5)
@@ -413,7 +414,6 @@ def main() -> None:
     unknown = sorted(set(only) - set(MODES))
     if unknown:
         parser.error(f"--modes: unknown {unknown}; choose from {list(MODES)}")
-    global DTYPE
     DTYPE = args.dtype
     if args.diagnose:
         result = diagnose(args.layers, args.experts, args.batch, args.seq, args.profile_steps)
