@@ -25,10 +25,12 @@ must make two per MoE layer, the others none, or the script stops.
 A CPU proxy of the per-call (Python and dispatch) overhead, where the matmuls are small and
 float32 (the CPU runs bf16 and ``torch._grouped_mm`` in bf16 slowly, which would hide the overhead):
 
-    python benchmarks/step_bench.py --tiny --dtype float32 --experts 128 --layers 4 --batch 1 --seq 128 \
-        --modes lora_attention,lora_experts_upstream,lora_experts_grouped --out cpu.json
-    python benchmarks/step_bench.py --diagnose --dtype float32 --experts 128 --layers 4 --batch 1 --seq 128 \
-        --profile-steps 5 --out cpu-diagnose.json
+    python benchmarks/step_bench.py --tiny --dtype float32 --threads 1 --experts 128 --layers 4 \
+        --batch 1 --seq 128 --modes lora_attention,lora_experts_upstream,lora_experts_grouped --out cpu.json
+    python benchmarks/step_bench.py --diagnose --dtype float32 --threads 1 --experts 128 --layers 4 \
+        --batch 1 --seq 128 --profile-steps 5 --out cpu-diagnose.json
+
+``cpu_timings`` (the process's CPU seconds per step) is the figure to read there on a shared box.
 """
 
 from __future__ import annotations
@@ -249,15 +251,15 @@ def _check_layer_against_float32(model: Any, inputs: _Inputs) -> dict[str, Any]:
     }
 
 
-def _timed(model: Any, inputs: _Inputs, mode: str, calls: dict[str, int]) -> tuple[float, int]:
-
+def _timed(model: Any, inputs: _Inputs, mode: str, calls: dict[str, int]) -> tuple[float, float, int]:
+    """Wall seconds and this process's CPU seconds of one step, and the grouped calls it made."""
     _enter(mode)
     _sync()
     calls["n"] = 0
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     _step(model, inputs, backward=mode != "forward")
     _sync()
-    return time.perf_counter() - start, calls["n"]
+    return time.perf_counter() - start, time.process_time() - start_cpu, calls["n"]
 
 
 def run(
@@ -313,18 +315,24 @@ def run(
     model_of = {"forward": "base", "full": "base", "lora_attention": "attention"}
     modes = [m for m in MODES if m in (only or MODES)]
     samples: dict[str, list[float]] = {m: [] for m in modes}
+    cpu_samples: dict[str, list[float]] = {m: [] for m in modes}
     for r in range(warmup + rounds):
         for mode in modes:
-            seconds, n = _timed(models[model_of.get(mode, "experts")], inputs, mode, calls)
+            seconds, cpu_seconds, n = _timed(models[model_of.get(mode, "experts")], inputs, mode, calls)
             expected = 2 * moe_layers if mode == "lora_experts_grouped" else 0
             if n != expected:
                 raise RuntimeError(f"{mode}: {n} grouped calls in a step, expected {expected}")
             if r >= warmup:
                 samples[mode].append(seconds)
+                cpu_samples[mode].append(cpu_seconds)
     grouped.grouped_lora_delta = plain_delta
     _enter("lora_experts_upstream")
     result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     result["samples"] = samples
+    # the process's CPU time per step (all its threads): on a shared CPU box, with --threads 1, a
+    # measure of the per-call work that other processes' load disturbs less than the wall clock
+    result["cpu_samples"] = cpu_samples
+    result["cpu_timings"] = {m: {"median": statistics.median(v), "min": min(v)} for m, v in cpu_samples.items()}
     result["timings"] = {
         m: {"median": statistics.median(v), "min": min(v), "max": max(v)} for m, v in samples.items()
     }
@@ -407,6 +415,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny model (hidden 64): a CPU smoke run")
     parser.add_argument("--diagnose", action="store_true", help="time breakdown and profiles instead of the table")
     parser.add_argument("--dtype", default=DTYPE, choices=("bfloat16", "float32"), help="of the models (default bfloat16)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--profile-steps", type=int, default=1, help="--diagnose: steps profiled per mode")
     parser.add_argument("--modes", default="", help=f"comma-separated subset of {', '.join(MODES)} (default: all)")
     args = parser.parse_args()
@@ -415,6 +424,10 @@ def main() -> None:
     if unknown:
         parser.error(f"--modes: unknown {unknown}; choose from {list(MODES)}")
     DTYPE = args.dtype
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.diagnose:
         result = diagnose(args.layers, args.experts, args.batch, args.seq, args.profile_steps)
         Path(args.out).write_text(json.dumps(result, indent=1))
@@ -425,7 +438,8 @@ def main() -> None:
         return
     result = run(args.rounds, args.warmup, args.layers, args.experts, args.batch, args.seq, args.tiny, only)
     Path(args.out).write_text(json.dumps(result, indent=1))
-    print(json.dumps({k: result[k] for k in ("timings", "ratios", "check_whole_model", "check_layer0_fc1_lora")}, indent=1))
+    shown = ("timings", "cpu_timings", "ratios", "check_whole_model", "check_layer0_fc1_lora")
+    print(json.dumps({k: result[k] for k in shown}, indent=1))
 
 
 if __name__ == "__main__":
