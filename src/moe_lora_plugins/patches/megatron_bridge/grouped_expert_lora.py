@@ -28,6 +28,7 @@ import logging
 import sys
 import weakref
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any
 
 from moe_lora_plugins.registry import PatchSpec
@@ -125,8 +126,10 @@ class _LayerPlan:
     state: _CallState
     swaps: list[tuple[dict[str, Any], str, Any, Any]]
 
-    def projections(self) -> tuple[_ProjectionLora, ...]:
-        return tuple(p for p in (self.fc1, self.fc2) if p is not None)
+    def __post_init__(self) -> None:
+        self.projections = tuple(p for p in (self.fc1, self.fc2) if p is not None)
+        self.wrappers = [w for p in self.projections for w in p.wrappers]
+        self.bypassed = [m for p in self.projections for m in p.bypassed_modules()]
 
 
 @dataclass
@@ -275,7 +278,7 @@ def _plan(instance: Any) -> _LayerPlan | str:
         if isinstance(cached, _StepAside):
             if _children(experts) == cached.children:
                 return cached.reason
-        elif all(p.unchanged(cached.expert_children) for p in cached.projections()):
+        elif all(p.unchanged(cached.expert_children) for p in cached.projections):
             return cached
     plan = _plan_now(instance, experts)
     _plans[instance] = plan
@@ -312,11 +315,29 @@ def _plan_now(instance: Any, experts: list[Any]) -> _LayerPlan | _StepAside:
     return _LayerPlan(experts, children, training, config_key, fc1, fc2, state, swaps)
 
 
+_never_on_wrappers = tuple(
+    attrgetter(name)
+    for name in (
+        "_forward_pre_hooks_with_kwargs",
+        "_forward_hooks_with_kwargs",
+        "_forward_hooks_always_called",
+        "_backward_hooks",
+        "_backward_pre_hooks",
+    )
+)
+_never_on_adapters = tuple(
+    attrgetter(name) for name in ("_forward_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
+)
+_forward_hooks = attrgetter("_forward_hooks")
+_forward_pre_hooks = attrgetter("_forward_pre_hooks")
+
+
 def _hook_reason(plan: _LayerPlan) -> str:
     """Why hooks make upstream's path run, or ``""``. The LoRA wrappers' forward pre-hooks, and forward
     hooks at fc1, run in the stand-in with the wrapper's input and output (as when the wrapper runs);
     the adapter modules' forward pre-hooks are called once per layer call (as upstream's fused LoRA
-    layer does); global module hooks and any other hook make upstream's path run."""
+    layer does); global module hooks and any other hook make upstream's path run. (Checked every call,
+    in C loops: ``any(map(...))`` over the layer's modules.)"""
     from torch.nn.modules import module as torch_module
 
     if (
@@ -326,20 +347,12 @@ def _hook_reason(plan: _LayerPlan) -> str:
         or torch_module._global_backward_pre_hooks
     ):
         return "global module hooks"
-    for p in plan.projections():
-        for w in p.wrappers:
-            if (
-                w._forward_pre_hooks_with_kwargs
-                or w._forward_hooks_with_kwargs
-                or w._forward_hooks_always_called
-                or w._backward_hooks
-                or w._backward_pre_hooks
-                or (p is plan.fc2 and w._forward_hooks)
-            ):
-                return "hooks on the LoRA wrappers"
-        for m in p.bypassed_modules():
-            if m._forward_hooks or m._forward_pre_hooks_with_kwargs or m._backward_hooks or m._backward_pre_hooks:
-                return "hooks on the adapter modules"
+    if any(any(map(hooks, plan.wrappers)) for hooks in _never_on_wrappers) or (
+        plan.fc2 is not None and any(map(_forward_hooks, plan.fc2.wrappers))
+    ):
+        return "hooks on the LoRA wrappers"
+    if any(any(map(hooks, plan.bypassed)) for hooks in _never_on_adapters):
+        return "hooks on the adapter modules"
     return ""
 
 
@@ -356,7 +369,7 @@ def sequential_mlp_forward(wrapped: Any, instance: Any, args: tuple[Any, ...], k
         return wrapped(*args, **kwargs)
     assert isinstance(plan, _LayerPlan)
     hidden, tokens_per_expert, _ = _bind(args, kwargs)
-    if any(p.linear_in[0]._parameters["weight"].dtype != hidden.dtype for p in plan.projections()):
+    if any(p.linear_in[0]._parameters["weight"].dtype != hidden.dtype for p in plan.projections):
         _step_aside("adapter dtype differs from the activations'")
         return wrapped(*args, **kwargs)
     return grouped_forward(wrapped, plan, args, kwargs, hidden, tokens_per_expert)
@@ -389,8 +402,8 @@ def grouped_forward(
 
     fc1, fc2 = plan.fc1, plan.fc2
     counts = [int(n) for n in tokens_per_expert.tolist()]
-    for p in plan.projections():
-        for module in p.bypassed_modules():
+    if any(map(_forward_pre_hooks, plan.bypassed)):
+        for module in plan.bypassed:
             for hook in module._forward_pre_hooks.values():
                 hook(module, ())
     state = plan.state
@@ -457,7 +470,10 @@ def _stand_in_class() -> type:
                         "received (a forward pre-hook on its LoRALinear replaced them, or its base layer "
                         "returns a layernorm output); set MOELORA_DISABLED_PATCHES=megatron_bridge.grouped_expert_lora"
                     )
-                linear_output = linear_output + self.state.fc1_rows[self.index].reshape(linear_output.shape)
+                rows = self.state.fc1_rows[self.index]
+                if rows.shape != linear_output.shape:
+                    rows = rows.reshape(linear_output.shape)
+                linear_output = linear_output + rows
             output = (linear_output, bias)
             if wrapper._forward_hooks:
                 inputs = (x, *args)
@@ -466,5 +482,9 @@ def _stand_in_class() -> type:
                     if result is not None:
                         output = result
             return output
+
+        # called straight, without nn.Module's hook machinery: nothing can hold a hook on a stand-in
+        # (it is reachable only inside its layer's call) and global module hooks make upstream's path run
+        __call__ = forward
 
     return ExpertProjectionStandIn
