@@ -382,6 +382,7 @@ def diagnose(
                 _sync()
                 times[mode][what].append(time.perf_counter() - start)
     result["times_median"] = {m: {w: statistics.median(v[1:]) for w, v in d.items()} for m, d in times.items()}
+    result["layer0_experts_cpu_seconds"] = _layer_times(models, inputs, cases, repeats=max(10, 6 * profile_steps))
     result["profiles"] = {}
     result["profile_seconds_per_step"] = {}
     profilers = {mode: cProfile.Profile() for mode in ("lora_attention", "lora_experts_grouped")}
@@ -400,6 +401,41 @@ def diagnose(
         stats.sort_stats("tottime").print_stats(30)
         result["profiles"][mode] = text.getvalue()
     return result
+
+
+def _layer_times(models: dict[str, Any], inputs: _Inputs, cases: dict[str, str], repeats: int) -> dict[str, Any]:
+    """Layer 0's experts alone (``SequentialMLP``, forward + backward of its output's sum) on the tokens
+    the model routes to them, per mode, interleaved: this process's CPU seconds, median and min of
+    ``repeats``. The per-call work of the experts without the rest of the step around it."""
+    import torch
+
+    captured: dict[str, tuple[Any, ...]] = {}
+    for mode, name in cases.items():
+        experts = next(m for m in models[name].modules() if type(m).__name__ == "SequentialMLP")
+
+        def keep(module: Any, args: Any, mode: str = mode) -> None:
+            captured.setdefault(mode, (module, *(a.detach() for a in args)))
+
+        handle = experts.register_forward_pre_hook(keep)
+        _enter(mode)
+        with torch.no_grad():
+            models[name](input_ids=inputs.tokens, position_ids=inputs.position_ids, attention_mask=inputs.mask)
+        handle.remove()
+    samples: dict[str, list[float]] = {m: [] for m in cases}
+    for _ in range(repeats):
+        for mode, (experts, hidden, tokens_per_expert, probs) in captured.items():
+            _enter(mode)
+            x = hidden.clone().requires_grad_()
+            _sync()
+            start = time.process_time()
+            output, _ = experts(x, tokens_per_expert, probs)
+            output.float().sum().backward()
+            _sync()
+            samples[mode].append(time.process_time() - start)
+    for model in models.values():
+        for p in _trainable(model):
+            p.grad = None
+    return {m: {"median": statistics.median(v), "min": min(v)} for m, v in samples.items()}
 
 
 def main() -> None:
@@ -431,7 +467,7 @@ def main() -> None:
     if args.diagnose:
         result = diagnose(args.layers, args.experts, args.batch, args.seq, args.profile_steps)
         Path(args.out).write_text(json.dumps(result, indent=1))
-        shown = ("check_whole_model", "times_median", "profile_seconds_per_step")
+        shown = ("check_whole_model", "times_median", "layer0_experts_cpu_seconds", "profile_seconds_per_step")
         print(json.dumps({k: result[k] for k in shown}, indent=1))
         for name, text in result["profiles"].items():
             print(f"==== {name}\n{text}")
