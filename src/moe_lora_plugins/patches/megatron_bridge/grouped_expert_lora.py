@@ -3,22 +3,42 @@
 Wraps Megatron-Core's ``SequentialMLP.forward``. Megatron-Bridge wraps each local expert's
 ``linear_fc1`` / ``linear_fc2`` in a ``LoRALinear`` with its own ``ParallelLinearAdapter``, so a layer
 of 128 experts runs 512 tiny matmuls forward (and twice that backward) one after the other. With
-this patch the base projections still run per expert exactly as upstream runs them, but the
-adapters of all experts run at once (:func:`moe_lora_plugins.lora.grouped.grouped_lora_delta`): the
-fc1 LoRA output of every token before the experts run, the fc2 LoRA output of every token after,
-from the fc2 inputs the experts produced. Each row gets the sums upstream computes for it, in the
-same order (base + LoRA), so on the CPU the result is bitwise upstream's; on one H200 one layer's
-LoRA output was bitwise equal too, and a whole step's logits and gradients differed from upstream's
-as much as two upstream steps differ from each other (``benchmarks/RESULTS-step.md``).
+this patch the adapters of all experts run at once
+(:func:`moe_lora_plugins.lora.grouped.grouped_lora_delta`): the fc1 LoRA output of every token
+before the experts run, the fc2 LoRA output of every token after, from the fc2 inputs the experts
+produced. In between, upstream's own ``SequentialMLP.forward`` runs its per-expert loop, with each
+expert's two ``LoRALinear`` entries (``expert._modules``) swapped, for the length of the call, for
+stand-ins made once per layer: the wrapper's base projection (``LoRALinear.base_linear_forward``, so
+the base layer and its hooks run as upstream runs them) plus that expert's rows of the grouped fc1
+LoRA output (added as ``LoRALinear`` adds its adapter's), or keeping fc2's input. Megatron-Core
+0.19.2's ``MLP.forward`` only calls ``self.linear_fc1`` / ``self.linear_fc2`` (through
+``apply_module``, which checks they are modules), so nothing else sees the swap; the entries are
+restored in ``finally``. Each row gets the sums upstream computes for it, in the same order (base +
+LoRA), so on the CPU the result is bitwise upstream's; on one H200 one layer's LoRA output was
+bitwise equal too, and a whole step's logits and gradients differed from upstream's as much as two
+upstream steps differ from each other (``benchmarks/RESULTS-step.md``).
+
+Hooks: a ``LoRALinear`` wrapper's forward pre-hooks, and at fc1 its forward hooks, run in the
+stand-in with the wrapper as the module and the wrapper's input and output (base + LoRA), as when the
+wrapper runs; the adapter modules' (adapter, ``linear_in``, ``linear_out``) forward pre-hooks are
+called once per layer call with empty args (as upstream's fused LoRA layer does); hooks on the base
+layers and on the experts run untouched. Any other hook on a wrapper or adapter module (backward,
+with kwargs, always-called, a forward hook on an fc2 wrapper, any forward hook on an adapter module)
+and any global module hook (``torch.nn.modules.module.register_module_*``) make upstream's path run.
+
+The per-layer plan is remembered and checked every call against what it was made from, in C loops
+(list identity compares and ``any(map(...))``): the experts, the modules at fc1 / fc2 (a swapped
+module is noticed), their adapters and the adapters' linears, each adapter enabled (a disabled one is
+noticed), train/eval mode and the config flags; the LoRA weights are read from the linears each call
+(a replaced parameter is used and gets its gradient).
 
 Upstream's per-expert path runs instead (the wrapper steps aside) when: true on-policy mode is on
 (``moe_lora_plugins.onpolicy.enabled()``), a layer has one local expert, fp8/fp4, biases on the
 experts, probs applied on the input, delayed wgrad, activation offloading, expert-TP > 1, adapter
 dropout active in training, a non-identity adapter activation, fused wgrad accumulation on the
-adapter weights, hooks on the adapter modules other than forward pre-hooks (which are called, as
-upstream's fused LoRA layer does), or a mix of adapter kinds across the experts of a layer.
-TEGroupedMLP is not touched: Megatron-Bridge already runs its per-expert adapters through
-``torch._grouped_mm`` on CUDA.
+adapter weights, a disabled adapter, the hooks above, or a mix of adapter kinds across the experts
+of a layer. TEGroupedMLP is not touched: Megatron-Bridge already runs its per-expert adapters
+through ``torch._grouped_mm`` on CUDA.
 """
 
 from __future__ import annotations
@@ -28,7 +48,7 @@ import logging
 import sys
 import weakref
 from dataclasses import dataclass
-from operator import attrgetter
+from operator import attrgetter, methodcaller
 from typing import Any
 
 from moe_lora_plugins.registry import PatchSpec
@@ -63,6 +83,24 @@ SPECS = (
 _logged_reasons: set[str] = set()
 
 _ADAPTER_CHILDREN = ("linear_in", "linear_out")
+_adapter_enabled = attrgetter("_adapter_enabled")
+_at_adapter = methodcaller("get", "adapter")
+_at_linear_in = methodcaller("get", "linear_in")
+_at_linear_out = methodcaller("get", "linear_out")
+_never_on_wrappers = tuple(
+    attrgetter(name)
+    for name in (
+        "_forward_pre_hooks_with_kwargs",
+        "_forward_hooks_with_kwargs",
+        "_forward_hooks_always_called",
+        "_backward_hooks",
+        "_backward_pre_hooks",
+    )
+)
+_never_on_adapters = tuple(
+    attrgetter(name) for name in ("_forward_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
+)
+_forward_hooks = attrgetter("_forward_hooks")
 
 
 @dataclass
@@ -86,15 +124,20 @@ class _ProjectionLora:
         lora_b = torch.stack([m._parameters["weight"] for m in self.linear_out])
         return lora_a, lora_b
 
+    def __post_init__(self) -> None:
+        self._at_name = methodcaller("get", self.name)
+        self._wrapper_children = [w._modules for w in self.wrappers]
+        self._adapter_children = [a._modules for a in self.adapters]
+
     def unchanged(self, expert_children: list[dict[str, Any]]) -> bool:
-        """Whether the same wrappers, adapters and linears sit where the plan found them, adapters enabled."""
-        name = self.name
+        """Whether the same wrappers, adapters and linears sit where the plan found them, adapters
+        enabled (``map`` over the children dicts: C loops, a few microseconds for 128 experts)."""
         return (
-            [c.get(name) for c in expert_children] == self.wrappers
-            and all(w._adapter_enabled for w in self.wrappers)
-            and [w._modules.get("adapter") for w in self.wrappers] == self.adapters
-            and [a._modules.get("linear_in") for a in self.adapters] == self.linear_in
-            and [a._modules.get("linear_out") for a in self.adapters] == self.linear_out
+            list(map(self._at_name, expert_children)) == self.wrappers
+            and all(map(_adapter_enabled, self.wrappers))
+            and list(map(_at_adapter, self._wrapper_children)) == self.adapters
+            and list(map(_at_linear_in, self._adapter_children)) == self.linear_in
+            and list(map(_at_linear_out, self._adapter_children)) == self.linear_out
         )
 
     def bypassed_modules(self) -> list[Any]:
@@ -130,6 +173,15 @@ class _LayerPlan:
         self.projections = tuple(p for p in (self.fc1, self.fc2) if p is not None)
         self.wrappers = [w for p in self.projections for w in p.wrappers]
         self.bypassed = [m for p in self.projections for m in p.bypassed_modules()]
+        # the hook dicts (torch fills a module's own dicts in place) whose contents make upstream's
+        # path run, and the adapter modules' forward pre-hook dicts: each call checks them with one
+        # ``any`` over dicts instead of ~5,000 module attribute reads (~0.4 ms a layer)
+        self.hook_dicts_that_step_aside = [
+            *(hooks(w) for hooks in _never_on_wrappers for w in self.wrappers),
+            *(w._forward_hooks for w in (self.fc2.wrappers if self.fc2 is not None else ())),
+            *(hooks(m) for hooks in _never_on_adapters for m in self.bypassed),
+        ]
+        self.adapter_pre_hook_dicts = [m._forward_pre_hooks for m in self.bypassed]
 
 
 @dataclass
@@ -315,29 +367,14 @@ def _plan_now(instance: Any, experts: list[Any]) -> _LayerPlan | _StepAside:
     return _LayerPlan(experts, children, training, config_key, fc1, fc2, state, swaps)
 
 
-_never_on_wrappers = tuple(
-    attrgetter(name)
-    for name in (
-        "_forward_pre_hooks_with_kwargs",
-        "_forward_hooks_with_kwargs",
-        "_forward_hooks_always_called",
-        "_backward_hooks",
-        "_backward_pre_hooks",
-    )
-)
-_never_on_adapters = tuple(
-    attrgetter(name) for name in ("_forward_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
-)
-_forward_hooks = attrgetter("_forward_hooks")
-_forward_pre_hooks = attrgetter("_forward_pre_hooks")
 
 
 def _hook_reason(plan: _LayerPlan) -> str:
     """Why hooks make upstream's path run, or ``""``. The LoRA wrappers' forward pre-hooks, and forward
     hooks at fc1, run in the stand-in with the wrapper's input and output (as when the wrapper runs);
     the adapter modules' forward pre-hooks are called once per layer call (as upstream's fused LoRA
-    layer does); global module hooks and any other hook make upstream's path run. (Checked every call,
-    in C loops: ``any(map(...))`` over the layer's modules.)"""
+    layer does); global module hooks and any other hook make upstream's path run. (Checked every call
+    with one ``any`` over the hook dicts the plan collected.)"""
     from torch.nn.modules import module as torch_module
 
     if (
@@ -347,13 +384,15 @@ def _hook_reason(plan: _LayerPlan) -> str:
         or torch_module._global_backward_pre_hooks
     ):
         return "global module hooks"
+    if not any(plan.hook_dicts_that_step_aside):
+        return ""
     if any(any(map(hooks, plan.wrappers)) for hooks in _never_on_wrappers) or (
         plan.fc2 is not None and any(map(_forward_hooks, plan.fc2.wrappers))
     ):
         return "hooks on the LoRA wrappers"
     if any(any(map(hooks, plan.bypassed)) for hooks in _never_on_adapters):
         return "hooks on the adapter modules"
-    return ""
+    return "hooks on a LoRA wrapper or adapter module"
 
 
 def sequential_mlp_forward(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -402,7 +441,7 @@ def grouped_forward(
 
     fc1, fc2 = plan.fc1, plan.fc2
     counts = [int(n) for n in tokens_per_expert.tolist()]
-    if any(map(_forward_pre_hooks, plan.bypassed)):
+    if any(plan.adapter_pre_hook_dicts):
         for module in plan.bypassed:
             for hook in module._forward_pre_hooks.values():
                 hook(module, ())
