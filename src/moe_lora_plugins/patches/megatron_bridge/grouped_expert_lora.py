@@ -68,14 +68,19 @@ SPECS = (
         why=(
             "Megatron-Bridge's LoRA on SequentialMLP experts runs every expert's adapter as its own small "
             "matmuls, one expert after the other: on one H200 a LoRA step on every expert took 3.5x the "
-            "attention-only LoRA step. Grouped: one matmul per LoRA factor and layer, same sums per row."
+            "attention-only LoRA step. Grouped: one matmul per LoRA factor and layer, same sums per row; "
+            "upstream's own per-expert loop runs the base projections, each expert's LoRALinear swapped for "
+            "a stand-in (base projection + its rows of the grouped LoRA output) for the length of the call."
         ),
-        upstream="Megatron-Core 0.19.2 transformer/moe/experts.SequentialMLP.forward with Megatron-Bridge 0.6.2 "
+        upstream="Megatron-Core 0.19.2 transformer/moe/experts.SequentialMLP.forward (and transformer/mlp."
+        "MLP.forward, which only calls linear_fc1 / linear_fc2) with Megatron-Bridge 0.6.2 "
         "peft/lora_layers.LoRALinear + peft/utils.ParallelLinearAdapter on each local expert",
         remove_when="Megatron-Bridge batches the adapters of SequentialMLP experts itself",
         verified="megatron-core 0.19.2 + megatron-bridge 0.6.2: CPU gloo world size 1 and EP=2, a whole "
-        "model's logits and every LoRA gradient bitwise equal to upstream's per-expert path (fp32 and bf16); "
-        "1xH200 bf16 (torch 2.11): one layer's LoRA output bitwise equal, a whole step's logits and gradients "
+        "model's logits and every LoRA gradient bitwise equal to upstream's per-expert path (fp32 and bf16), "
+        "also after an adapter is disabled, a LoRALinear swapped out and back, a LoRA weight replaced, and "
+        "with hooks on the wrappers (each noticed: the layer steps aside or runs grouped as documented); "
+        "1xH200 bf16 (torch 2.11), the version before the stand-ins (per-expert hooks, 2026-12-02): one layer's LoRA output bitwise equal, a whole step's logits and gradients "
         "as far from upstream as upstream is from itself; step 2.4x faster (benchmarks/RESULTS-step.md).",
     ),
 )
