@@ -197,7 +197,7 @@ class _StepAside:
     experts: list[Any]
     training: bool
     config_key: tuple[Any, ...]
-    children: list[tuple[Any, ...]]
+    children: list[Any]
 
 
 def _step_aside(reason: str) -> None:
@@ -301,23 +301,16 @@ def _config_key(instance: Any) -> tuple[Any, ...]:
     return (id(config), instance.num_local_experts, *(getattr(config, flag, None) for flag in _CONFIG_FLAGS))
 
 
-def _children(experts: list[Any]) -> list[tuple[Any, ...]]:
-    """Per expert: the modules at fc1 / fc2, their adapters and whether those are enabled (``None`` where none)."""
-    rows = []
-    for expert in experts:
-        fc1 = expert._modules.get("linear_fc1")
-        fc2 = expert._modules.get("linear_fc2")
-        rows.append(
-            (
-                fc1,
-                fc2,
-                getattr(fc1, "_modules", {}).get("adapter"),
-                getattr(fc2, "_modules", {}).get("adapter"),
-                getattr(fc1, "_adapter_enabled", None),
-                getattr(fc2, "_adapter_enabled", None),
-            )
-        )
-    return rows
+def _children(experts: list[Any]) -> list[Any]:
+    """The modules at the experts' fc1 / fc2, and for each its adapter and whether that is enabled
+    (read from the instance dicts: a plain linear has neither, and ``getattr`` with a default would
+    go through ``nn.Module.__getattr__``'s AttributeError, ~1 us a module)."""
+    modules = [e._modules.get(name) for name in ("linear_fc1", "linear_fc2") for e in experts]
+    return [
+        modules,
+        [m._modules.get("adapter") if m is not None else None for m in modules],
+        [m.__dict__.get("_adapter_enabled") if m is not None else None for m in modules],
+    ]
 
 
 def _plan(instance: Any) -> _LayerPlan | str:
