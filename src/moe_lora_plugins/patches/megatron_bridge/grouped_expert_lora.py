@@ -6,7 +6,20 @@ of 128 experts runs 512 tiny matmuls forward (and twice that backward) one after
 this patch the adapters of all experts run at once
 (:func:`moe_lora_plugins.lora.grouped.grouped_lora_delta`): the fc1 LoRA output of every token
 before the experts run, the fc2 LoRA output of every token after, from the fc2 inputs the experts
-produced. In between, upstream's own ``SequentialMLP.forward`` runs its per-expert loop, with each
+produced. In between, the experts run one of two ways.
+
+The activation once per layer (the usual case): every expert's base fc1 and fc2 run per expert as
+upstream runs them (``LoRALinear.base_linear_forward``, each on the expert's own rows), but the
+experts' activation and routing-probability scaling run once for all rows of the layer: upstream's
+own ``MLP.forward`` of the first expert runs on a shadow of it (the expert itself is not modified)
+whose ``linear_fc1`` hands over the concatenated fc1 output of every expert plus the grouped fc1 LoRA
+output, and whose ``linear_fc2`` runs each expert's fc2 on its rows and adds the grouped fc2 LoRA
+output. Every op between the projections is element-wise, so each row still gets upstream's numbers;
+this takes 6 small ops and their backward nodes per expert out of the step. It needs every expert to
+be Megatron-Core's own ``MLP`` class on one config and activation, and no hook on an expert module or
+on a LoRA wrapper (those would not see each expert's call): otherwise the second way runs.
+
+Per expert: upstream's own ``SequentialMLP.forward`` runs its per-expert loop, with each
 expert's two ``LoRALinear`` entries (``expert._modules``) swapped, for the length of the call, for
 stand-ins made once per layer: the wrapper's base projection (``LoRALinear.base_linear_forward``, so
 the base layer and its hooks run as upstream runs them) plus that expert's rows of the grouped fc1
@@ -68,14 +81,16 @@ SPECS = (
         why=(
             "Megatron-Bridge's LoRA on SequentialMLP experts runs every expert's adapter as its own small "
             "matmuls, one expert after the other: on one H200 a LoRA step on every expert took 3.5x the "
-            "attention-only LoRA step. Grouped: one matmul per LoRA factor and layer, same sums per row; "
-            "upstream's own per-expert loop runs the base projections, each expert's LoRALinear swapped for "
-            "a stand-in (base projection + its rows of the grouped LoRA output) for the length of the call."
+            "attention-only LoRA step. Grouped: one matmul per LoRA factor and layer, same sums per row; the "
+            "base projections per expert, the experts' element-wise activation once per layer (upstream's "
+            "MLP.forward on a shadow of the first expert), or with hooks on experts or wrappers upstream's own "
+            "per-expert loop with each expert's LoRALinear swapped for a stand-in for the length of the call."
         ),
         upstream="Megatron-Core 0.19.2 transformer/moe/experts.SequentialMLP.forward (and transformer/mlp."
         "MLP.forward, which only calls linear_fc1 / linear_fc2) with Megatron-Bridge 0.6.2 "
         "peft/lora_layers.LoRALinear + peft/utils.ParallelLinearAdapter on each local expert",
         remove_when="Megatron-Bridge batches the adapters of SequentialMLP experts itself",
+        requires=("megatron.core.transformer.mlp:MLP.forward",),
         verified="megatron-core 0.19.2 + megatron-bridge 0.6.2: CPU gloo world size 1 and EP=2, a whole "
         "model's logits and every LoRA gradient bitwise equal to upstream's per-expert path (fp32 and bf16), "
         "also after an adapter is disabled, a LoRALinear swapped out and back, a LoRA weight replaced, and "
@@ -106,6 +121,18 @@ _never_on_adapters = tuple(
     attrgetter(name) for name in ("_forward_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
 )
 _forward_hooks = attrgetter("_forward_hooks")
+_expert_hooks = tuple(
+    attrgetter(name)
+    for name in (
+        "_forward_hooks",
+        "_forward_pre_hooks",
+        "_forward_hooks_with_kwargs",
+        "_forward_pre_hooks_with_kwargs",
+        "_forward_hooks_always_called",
+        "_backward_hooks",
+        "_backward_pre_hooks",
+    )
+)
 
 
 @dataclass
@@ -187,6 +214,15 @@ class _LayerPlan:
             *(hooks(m) for hooks in _never_on_adapters for m in self.bypassed),
         ]
         self.adapter_pre_hook_dicts = [m._forward_pre_hooks for m in self.bypassed]
+        # the experts' activation once for the layer (see _one_activation_forward): decided from the
+        # experts' class, config and activation here; their hook dicts and the wrappers' forward (pre-)
+        # hook dicts, which that path would not call per expert, are checked every call
+        self.one_activation_reason = _one_activation_reason(self.experts)
+        self.per_expert_hook_dicts = [
+            *(hooks(e) for hooks in _expert_hooks for e in self.experts),
+            *(w._forward_pre_hooks for w in self.wrappers),
+            *(w._forward_hooks for w in self.wrappers),
+        ]
 
 
 @dataclass
@@ -405,11 +441,11 @@ def sequential_mlp_forward(wrapped: Any, instance: Any, args: tuple[Any, ...], k
         _step_aside(reason)
         return wrapped(*args, **kwargs)
     assert isinstance(plan, _LayerPlan)
-    hidden, tokens_per_expert, _ = _bind(args, kwargs)
+    hidden, tokens_per_expert, probs = _bind(args, kwargs)
     if any(p.linear_in[0]._parameters["weight"].dtype != hidden.dtype for p in plan.projections):
         _step_aside("adapter dtype differs from the activations'")
         return wrapped(*args, **kwargs)
-    return grouped_forward(wrapped, plan, args, kwargs, hidden, tokens_per_expert)
+    return grouped_forward(wrapped, plan, args, kwargs, hidden, tokens_per_expert, probs)
 
 
 def _bind(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any, Any]:
@@ -429,10 +465,13 @@ def grouped_forward(
     kwargs: dict[str, Any],
     hidden: Any,
     tokens_per_expert: Any,
+    probs: Any,
 ) -> tuple[Any, Any]:
-    """Upstream's ``SequentialMLP.forward`` (its per-expert loop, each expert's base projections) with
-    each expert's fc1 / fc2 LoRA wrapper stood in for by its base projection plus the expert's rows of
-    the grouped fc1 LoRA output, and the grouped fc2 LoRA output added to the layer's output."""
+    """The layer with its experts' LoRA grouped: :func:`_one_activation_forward` where the plan allows it
+    and no expert or wrapper has a hook it would skip; else upstream's ``SequentialMLP.forward`` (its
+    per-expert loop, each expert's base projections) with each expert's fc1 / fc2 LoRA wrapper stood in
+    for by its base projection plus the expert's rows of the grouped fc1 LoRA output, and the grouped
+    fc2 LoRA output added to the layer's output."""
     import torch
 
     from moe_lora_plugins.lora import grouped
@@ -443,6 +482,12 @@ def grouped_forward(
         for module in plan.bypassed:
             for hook in module._forward_pre_hooks.values():
                 hook(module, ())
+    if not plan.one_activation_reason and not any(plan.per_expert_hook_dicts):
+        return _one_activation_forward(plan, hidden, counts, probs), None
+    reason = plan.one_activation_reason or "hooks on an expert or a LoRA wrapper"
+    if reason not in _logged_reasons:
+        _logged_reasons.add(reason)
+        logger.info("grouped expert LoRA: the experts' activation runs per expert (%s)", reason)
     state = plan.state
     if fc1 is not None:
         lora_a, lora_b = fc1.factors()
@@ -468,6 +513,108 @@ def grouped_forward(
         lora_a, lora_b = fc2.factors()
         output = output + grouped.grouped_lora_delta(torch.cat(fc2_inputs, dim=0), lora_a, lora_b, counts, fc2.scale)
     return output, output_bias
+
+
+def _one_activation_reason(experts: list[Any]) -> str:
+    """Why the experts' activation cannot run once for the whole layer (``""`` when it can): every expert
+    must be Megatron-Core's own ``MLP`` (not a subclass, which may have its own ``forward``) on the same
+    config and activation. (Hooks on the experts and the LoRA wrappers are checked every call.)"""
+    mlp_module = sys.modules.get("megatron.core.transformer.mlp")
+    if mlp_module is None:
+        return "Megatron-Core's MLP is not imported"
+    first = experts[0]
+    activation = first.__dict__.get("activation_func")
+    for expert in experts:
+        if type(expert) is not mlp_module.MLP:
+            return f"expert {type(expert).__name__} is not Megatron-Core's MLP"
+        if expert.config is not first.config or expert.__dict__.get("activation_func") is not activation:
+            return "experts differ in config or activation"
+    return ""
+
+
+def _base_rows(module: Any, rows: Any, wrapped: bool) -> Any:
+    """One expert's base projection of its rows: a LoRA wrapper's ``base_linear_forward`` (upstream's
+    call, its base layer's hooks included), or a projection without LoRA called as upstream calls it.
+    A base that returns a bias or reads another input than the rows is refused (the plan steps aside
+    for biased experts before this)."""
+    if wrapped:
+        output, bias, adapter_input = module.base_linear_forward(rows)
+        if bias is None and adapter_input is rows:
+            return output
+    else:
+        result = module(rows)
+        if isinstance(result, tuple) and len(result) == 2 and result[1] is None and not isinstance(result[0], tuple):
+            return result[0]
+    raise RuntimeError(
+        f"grouped expert LoRA: an expert's {type(module).__name__} returned a bias or a layer-norm output; "
+        "expected (output, None). Set MOELORA_DISABLED_PATCHES=megatron_bridge.grouped_expert_lora and report "
+        "the layer spec"
+    )
+
+
+def _one_activation_forward(plan: _LayerPlan, hidden: Any, counts: list[int], probs: Any) -> Any:
+    """Every expert's base fc1 and fc2 (upstream's calls, one expert at a time), both LoRA deltas grouped,
+    and the experts' activation with the routing-probability scaling once for all rows of the layer,
+    through the first expert's own ``MLP.forward`` on a shadow of it whose ``linear_fc1`` hands over the
+    concatenated fc1 output and whose ``linear_fc2`` runs each expert's fc2 on its rows. Every op between
+    the projections is element-wise, so each row gets upstream's numbers; the experts themselves are not
+    modified."""
+    import torch
+
+    from moe_lora_plugins.lora import grouped
+
+    fc1, fc2 = plan.fc1, plan.fc2
+    experts = plan.experts
+    fc1_modules = fc1.wrappers if fc1 is not None else [e._modules["linear_fc1"] for e in experts]
+    fc2_modules = fc2.wrappers if fc2 is not None else [e._modules["linear_fc2"] for e in experts]
+    fc1_output = torch.cat(
+        [_base_rows(m, rows, fc1 is not None) for m, rows in zip(fc1_modules, torch.split(hidden, counts), strict=True)]
+    )
+    if fc1 is not None:
+        lora_a, lora_b = fc1.factors()
+        fc1_output = fc1_output + grouped.grouped_lora_delta(hidden, lora_a, lora_b, counts, fc1.scale)
+
+    def fc2_forward(intermediate: Any) -> tuple[Any, None]:
+        output = torch.cat(
+            [
+                _base_rows(m, rows, fc2 is not None)
+                for m, rows in zip(fc2_modules, torch.split(intermediate, counts), strict=True)
+            ]
+        )
+        if fc2 is not None:
+            lora_a2, lora_b2 = fc2.factors()
+            output = output + grouped.grouped_lora_delta(intermediate, lora_a2, lora_b2, counts, fc2.scale)
+        return output, None
+
+    first = experts[0]
+    shadow = object.__new__(type(first))
+    vars(shadow).update(vars(first))
+    projection = _projection_class()
+    vars(shadow)["_modules"] = {
+        **first._modules,
+        "linear_fc1": projection(lambda _hidden: (fc1_output, None)),
+        "linear_fc2": projection(fc2_forward),
+    }
+    output, _ = type(first).forward(shadow, hidden, probs)
+    return output
+
+
+@functools.cache
+def _projection_class() -> type:
+    import torch
+
+    class LayerProjection(torch.nn.Module):
+        """A projection of the shadow expert of :func:`_one_activation_forward` (Megatron-Core's
+        ``apply_module`` wants a module): calls its function."""
+
+        def __init__(self, function: Any) -> None:
+            super().__init__()
+            self.__dict__["function"] = function
+
+        def forward(self, x: Any) -> Any:
+            return self.function(x)
+
+    return LayerProjection
 
 
 @functools.cache
