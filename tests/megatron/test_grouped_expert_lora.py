@@ -22,7 +22,9 @@ TOKENS = (3, 17, 42, 99, 5, 64, 8, 120, 1, 77, 31, 2, 9, 14, 66, 101)
 LORA = LoraSettings(dim=8, alpha=16)
 
 
-def forward_backward_three_ways(hf_config: Any, layout: ParallelLayout, dtype_name: str) -> dict[str, Any]:
+def forward_backward_three_ways(
+    hf_config: Any, layout: ParallelLayout, dtype_name: str, expert_hooks: bool = False
+) -> dict[str, Any]:
     import os
 
     import torch
@@ -50,11 +52,28 @@ def forward_backward_three_ways(hf_config: Any, layout: ParallelLayout, dtype_na
         return upstream_delta(*args, **kwargs)
 
     grouped.grouped_lora_delta = counted
+    import moe_lora_plugins.patches.megatron_bridge.grouped_expert_lora as patch
+
+    one_activation = {"n": 0}
+    layer_forward = patch._one_activation_forward
+
+    def counted_layer(*args: Any, **kwargs: Any) -> Any:
+        one_activation["n"] += 1
+        return layer_forward(*args, **kwargs)
+
+    patch._one_activation_forward = counted_layer
+    if expert_hooks:  # a hook on an expert module: the experts' activation must run per expert
+        seen = []
+        for module in model.modules():
+            if type(module).__name__ == "SequentialMLP":
+                for expert in module.local_experts:
+                    expert.register_forward_pre_hook(lambda m, args: seen.append(1))
 
     def step() -> dict[str, Any]:
         for p in model.parameters():
             p.grad = None
         calls["n"] = 0
+        one_activation["n"] = 0
         logits = model(input_ids=tokens, position_ids=torch.arange(seq)[None], attention_mask=causal)
         (logits.float() * weights).sum().backward()
         # the on-policy MoE path computes only the experts that received tokens, so an idle expert's
@@ -64,7 +83,12 @@ def forward_backward_three_ways(hf_config: Any, layout: ParallelLayout, dtype_na
             for n, p in model.named_parameters()
             if p.requires_grad
         }
-        return {"logits": logits.detach().clone(), "grads": grads, "grouped_calls": calls["n"]}
+        return {
+            "logits": logits.detach().clone(),
+            "grads": grads,
+            "grouped_calls": calls["n"],
+            "one_activation_calls": one_activation["n"],
+        }
 
     upstream = step()
     moe_lora_plugins.activate(role="trainer")
@@ -95,6 +119,7 @@ def forward_backward_three_ways(hf_config: Any, layout: ParallelLayout, dtype_na
         "status": status,
         "moe_layers": sum(1 for m in model.modules() if type(m).__name__ == "SequentialMLP"),
         "patched_calls": patched["grouped_calls"],
+        "one_activation_calls": patched["one_activation_calls"],
         "on_policy_calls": on_policy["grouped_calls"],
         "patched_differs": diff(upstream, patched),
         "on_policy_relative": worst_relative(upstream, on_policy),
@@ -104,16 +129,25 @@ def forward_backward_three_ways(hf_config: Any, layout: ParallelLayout, dtype_na
 
 
 @pytest.mark.parametrize(
-    "layout,dtype_name",
-    [(ParallelLayout(), "float32"), (ParallelLayout(), "bfloat16"), (ParallelLayout(ep=2), "float32")],
-    ids=["world1-fp32", "world1-bf16", "ep2-fp32"],
+    "layout,dtype_name,expert_hooks",
+    [
+        (ParallelLayout(), "float32", False),
+        (ParallelLayout(), "bfloat16", False),
+        (ParallelLayout(ep=2), "float32", False),
+        (ParallelLayout(), "float32", True),
+    ],
+    ids=["world1-fp32", "world1-bf16", "ep2-fp32", "world1-fp32-expert-hooks"],
 )
-def test_grouped_expert_lora_gives_upstreams_logits_and_gradients_bitwise(layout, dtype_name):
+def test_grouped_expert_lora_gives_upstreams_logits_and_gradients_bitwise(layout, dtype_name, expert_hooks):
     config = tiny_qwen3_moe_config(num_experts=8, num_experts_per_tok=2, num_hidden_layers=2)
-    results = run_distributed(forward_backward_three_ways, layout.world_size, (config, layout, dtype_name), timeout_s=600)
+    results = run_distributed(
+        forward_backward_three_ways, layout.world_size, (config, layout, dtype_name, expert_hooks), timeout_s=600
+    )
     for rank, r in enumerate(results):
         assert r["status"] == "applied", (rank, r["status"])
         assert r["moe_layers"] == 2
+        # the experts' activation ran once per layer, or per expert where an expert module has hooks
+        assert r["one_activation_calls"] == (0 if expert_hooks else r["moe_layers"]), (rank, r["one_activation_calls"])
         # experts that got no token keep zero gradients (upstream's too): most must have some
         assert len(r["zero_expert_lora_grads"]) < r["expert_lora_grads"] / 2, (rank, r)
         assert r["patched_calls"] == 2 * r["moe_layers"], (rank, r["patched_calls"])

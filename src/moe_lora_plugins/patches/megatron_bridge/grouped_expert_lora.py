@@ -3,13 +3,20 @@
 Wraps Megatron-Core's ``SequentialMLP.forward``. Megatron-Bridge wraps each local expert's
 ``linear_fc1`` / ``linear_fc2`` in a ``LoRALinear`` with its own ``ParallelLinearAdapter``, so a layer
 of 128 experts runs 512 tiny matmuls forward (and twice that backward) one after the other. With
-this patch the base projections still run per expert exactly as upstream runs them, but the
-adapters of all experts run at once (:func:`moe_lora_plugins.lora.grouped.grouped_lora_delta`): the
-fc1 LoRA output of every token before the experts run, the fc2 LoRA output of every token after,
-from the fc2 inputs the experts produced. Each row gets the sums upstream computes for it, in the
-same order (base + LoRA), so on the CPU the result is bitwise upstream's; on one H200 one layer's
-LoRA output was bitwise equal too, and a whole step's logits and gradients differed from upstream's
-as much as two upstream steps differ from each other (``benchmarks/RESULTS-step.md``).
+this patch the base projections still run per expert exactly as upstream runs them (each expert's
+``to_wrap`` on its own rows), but the adapters of all experts run at once
+(:func:`moe_lora_plugins.lora.grouped.grouped_lora_delta`): the fc1 LoRA output of every token before
+the experts run, the fc2 LoRA output of every token after. The experts' activation (and the
+routing-probability scaling) then runs once for the layer instead of once per expert: upstream's own
+``MLP.forward`` of the first expert runs on a shadow of it whose ``linear_fc1`` hands over the
+concatenated fc1 output of every expert and whose ``linear_fc2`` runs each expert's fc2 on its rows.
+Every op between the projections is element-wise, so each row gets the numbers upstream computes for
+it, in the same order (base + LoRA): on the CPU the result is bitwise upstream's; on one H200 one
+layer's LoRA output was bitwise equal too, and a whole step's logits and gradients differed from
+upstream's as much as two upstream steps differ from each other (``benchmarks/RESULTS-step.md``). The
+activation runs per expert (as upstream does, LoRA still grouped) where an expert is not Megatron-Core's
+own ``MLP`` class, the experts differ in config or activation, or hooks sit on an expert module or on
+every module (global hooks): those would otherwise not see each expert's call.
 
 Upstream's per-expert path runs instead (the wrapper steps aside) when: true on-policy mode is on
 (``moe_lora_plugins.onpolicy.enabled()``), a layer has one local expert, fp8/fp4, biases on the
@@ -23,6 +30,7 @@ TEGroupedMLP is not touched: Megatron-Bridge already runs its per-expert adapter
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import weakref
@@ -46,13 +54,15 @@ SPECS = (
         why=(
             "Megatron-Bridge's LoRA on SequentialMLP experts runs every expert's adapter as its own small "
             "matmuls, one expert after the other: on one H200 a LoRA step on every expert took 3.5x the "
-            "attention-only LoRA step. Grouped: one matmul per LoRA factor and layer, same sums per row."
+            "attention-only LoRA step. Grouped: one matmul per LoRA factor and layer, and the experts' "
+            "element-wise activation once per layer, same sums per row."
         ),
         upstream="Megatron-Core 0.19.2 transformer/moe/experts.SequentialMLP.forward with Megatron-Bridge 0.6.2 "
         "peft/lora_layers.LoRALinear + peft/utils.ParallelLinearAdapter on each local expert",
         remove_when="Megatron-Bridge batches the adapters of SequentialMLP experts itself",
         verified="megatron-core 0.19.2 + megatron-bridge 0.6.2: CPU gloo world size 1 and EP=2, a whole "
-        "model's logits and every LoRA gradient bitwise equal to upstream's per-expert path (fp32 and bf16); "
+        "model's logits and every LoRA gradient bitwise equal to upstream's per-expert path (fp32 and bf16; "
+        "activation once per layer, and per expert with hooks on the experts); "
         "1xH200 bf16 (torch 2.11): one layer's LoRA output bitwise equal, a whole step's logits and gradients "
         "as far from upstream as upstream is from itself; step 2.4x faster (benchmarks/RESULTS-step.md).",
     ),
@@ -258,7 +268,8 @@ def grouped_forward(
     tokens_per_expert: Any,
     probs: Any,
 ) -> tuple[Any, None]:
-    """The experts' base projections per expert (upstream's calls), their LoRA grouped."""
+    """The experts' base projections per expert (upstream's calls), their LoRA grouped; the experts'
+    activation once for the layer where :func:`_one_activation_reason` allows it."""
     import torch
 
     from moe_lora_plugins.lora.grouped import grouped_lora_delta
@@ -270,13 +281,19 @@ def grouped_forward(
             for module in p.bypassed_modules():
                 for hook in module._forward_pre_hooks.values():
                     hook(module, ())
+    experts = list(instance.local_experts)
+    reason = _one_activation_reason(experts)
+    if not reason:
+        return _one_activation_forward(experts, plan, hidden, counts, probs), None
+    if reason not in _logged_reasons:
+        _logged_reasons.add(reason)
+        logger.info("grouped expert LoRA: the experts' activation runs per expert (%s)", reason)
     fc1_parts: tuple[Any, ...] | None = None
     if fc1 is not None:
         lora_a, lora_b = fc1.factors()
         fc1_parts = torch.split(grouped_lora_delta(hidden, lora_a, lora_b, counts, fc1.scale), counts)
     fc2_inputs: list[Any] = []
     outputs = []
-    experts = list(instance.local_experts)
     for i, (expert, tokens, expert_probs) in enumerate(
         zip(experts, torch.split(hidden, counts), torch.split(probs, counts), strict=True)
     ):
@@ -288,6 +305,125 @@ def grouped_forward(
         lora_a, lora_b = fc2.factors()
         output = output + grouped_lora_delta(torch.cat(fc2_inputs, dim=0), lora_a, lora_b, counts, fc2.scale)
     return output, None
+
+
+def _one_activation_reason(experts: list[Any]) -> str:
+    """Why the experts' activation cannot run once for the whole layer ("" when it can): every expert
+    must be Megatron-Core's own ``MLP`` (not a subclass) on the same config and
+    activation, with no hooks on the expert modules and no global module hooks (the experts' own
+    ``forward`` is then not called per expert), and each projection a ``LoRALinear`` wrapper of the
+    plan or a plain module."""
+    mlp_module = sys.modules.get("megatron.core.transformer.mlp")
+    if mlp_module is None:
+        return "Megatron-Core's MLP is not imported"
+    first = experts[0]
+    for expert in experts:
+        if type(expert) is not mlp_module.MLP:  # a subclass may have its own forward
+            return f"expert {type(expert).__name__} is not Megatron-Core's MLP"
+        if expert.config is not first.config or expert.__dict__.get("activation_func") is not first.__dict__.get(
+            "activation_func"
+        ):
+            return "experts differ in config or activation"
+        if (
+            expert._forward_hooks
+            or expert._forward_pre_hooks
+            or expert._backward_hooks
+            or expert._backward_pre_hooks
+        ):
+            return "hooks on an expert module"
+    module_hooks = sys.modules["torch.nn.modules.module"]
+    for name in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks"):
+        if getattr(module_hooks, name, None):
+            return "global module hooks"
+    return ""
+
+
+def _base_of(module: Any, projection: _ProjectionLora | None) -> Any:
+    """The module that computes a projection's base output: the LoRA wrapper's ``to_wrap``, or the
+    projection module itself where it has no LoRA."""
+    return module.to_wrap if projection is not None else module
+
+
+def _base_output(module: Any, tokens: Any) -> Any:
+    """A base projection's output, as ``LoRALinear.base_linear_forward`` reads it; a base that returns a
+    bias or a layer-norm output is refused (the plan steps aside for biased experts before this)."""
+    result = module(tokens)
+    if not isinstance(result, tuple) or len(result) != 2 or result[1] is not None or isinstance(result[0], tuple):
+        raise RuntimeError(
+            f"grouped expert LoRA: {type(module).__name__} returned {type(result).__name__} of "
+            f"{len(result) if isinstance(result, tuple) else '?'} items with a bias or layer-norm output; "
+            "expected (output, None). Disable the patch: MOELORA_DISABLED_PATCHES=megatron_bridge.grouped_expert_lora"
+        )
+    return result[0]
+
+
+def _one_activation_forward(
+    experts: list[Any],
+    plan: tuple[_ProjectionLora | None, _ProjectionLora | None],
+    hidden: Any,
+    counts: list[int],
+    probs: Any,
+) -> Any:
+    """Every expert's base fc1 and fc2 (upstream's calls, one expert at a time), both LoRA deltas grouped,
+    and the activation (with the routing probabilities) once for all rows of the layer, through the first
+    expert's own ``MLP.forward`` on a shadow whose ``linear_fc1`` hands it the concatenated fc1 output and
+    whose ``linear_fc2`` runs the experts' fc2 on their rows. Each row gets upstream's numbers: the
+    activation is element-wise and each expert's matmuls see the same rows."""
+    import torch
+
+    from moe_lora_plugins.lora.grouped import grouped_lora_delta
+
+    fc1, fc2 = plan
+    fc1_bases = [_base_of(e.linear_fc1, fc1) for e in experts]
+    fc2_bases = [_base_of(e.linear_fc2, fc2) for e in experts]
+    fc1_output = torch.cat(
+        [_base_output(base, tokens) for base, tokens in zip(fc1_bases, torch.split(hidden, counts), strict=True)]
+    )
+    if fc1 is not None:
+        lora_a, lora_b = fc1.factors()
+        fc1_output = fc1_output + grouped_lora_delta(hidden, lora_a, lora_b, counts, fc1.scale)
+
+    def fc2_forward(intermediate: Any) -> tuple[Any, None]:
+        output = torch.cat(
+            [_base_output(base, rows) for base, rows in zip(fc2_bases, torch.split(intermediate, counts), strict=True)]
+        )
+        if fc2 is not None:
+            lora_a2, lora_b2 = fc2.factors()
+            output = output + grouped_lora_delta(intermediate, lora_a2, lora_b2, counts, fc2.scale)
+        return output, None
+
+    first = experts[0]
+    shadow = object.__new__(type(first))
+    vars(shadow).update(vars(first))
+    vars(shadow)["_modules"] = {
+        **first._modules,
+        "linear_fc1": _Projection(lambda _hidden: (fc1_output, None)),
+        "linear_fc2": _Projection(fc2_forward),
+    }
+    output, _ = type(first).forward(shadow, hidden, probs)
+    return output
+
+
+@functools.cache
+def _projection_type() -> Any:
+    import torch
+
+    class GroupedProjection(torch.nn.Module):
+        """A stand-in projection of the shadow expert (see :func:`_one_activation_forward`)."""
+
+        def __init__(self, function: Any) -> None:
+            super().__init__()
+            self.function = function
+
+        def forward(self, x: Any) -> Any:
+            return self.function(x)
+
+    return GroupedProjection
+
+
+def _Projection(function: Any) -> Any:  # noqa: N802 - reads as the module it makes
+    return _projection_type()(function)
 
 
 class _base_only:
