@@ -202,11 +202,13 @@ def _check_against_upstream(model: Any, inputs: _Inputs) -> dict[str, Any]:
         "logits_max_abs": float((lg.float() - lu.float()).abs().max()),
         "logits_max_abs_reference": float(lu.float().abs().max()),
         "logits_bitwise_equal": bool(torch.equal(lg, lu)),
+        "grads_bitwise_equal": all(torch.equal(gg[n], gu[n]) for n in gu),
         "expert_lora_grads": worst(gg, expert),
         "attention_lora_grads": worst(gg, other),
         "upstream_again": {
             "logits_rel_l2": _rel(la, lu),
             "logits_bitwise_equal": bool(torch.equal(la, lu)),
+            "grads_bitwise_equal": all(torch.equal(ga[n], gu[n]) for n in gu),
             "expert_lora_grads": worst(ga, expert),
             "attention_lora_grads": worst(ga, other),
         },
@@ -438,6 +440,49 @@ def _layer_times(models: dict[str, Any], inputs: _Inputs, cases: dict[str, str],
     return {m: {"median": statistics.median(v), "min": min(v)} for m, v in samples.items()}
 
 
+def deterministic_check(layers: int = 8, experts: int = 128, batch: int = 4, seq: int = 2048) -> dict[str, Any]:
+    """The whole-model comparison of ``_check_against_upstream`` with torch's deterministic algorithms on
+    (``CUBLAS_WORKSPACE_CONFIG`` set before CUDA starts, ``torch.use_deterministic_algorithms(True,
+    warn_only=True)``): where upstream's step then equals itself bitwise, the grouped step's equality
+    with it is a bitwise statement about the patch, not one within upstream's own noise. Its own process
+    (``--deterministic-check``), so the timed run keeps torch's defaults."""
+    import warnings
+
+    import torch
+
+    from moe_lora_plugins.demo import cpu_training
+    from moe_lora_plugins.testing.distributed import init_single_process_group
+
+    cuda = init_single_process_group()
+    if not cuda:
+        from moe_lora_plugins.testing.megatron_cpu import prepare_megatron_cpu
+
+        prepare_megatron_cpu()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    config = issue_config(layers, experts, tiny=not cuda)
+    cpu_training.install()
+    model = _build(config, LoraSettings(dim=16, alpha=32, target_modules=EVERY_LINEAR))
+    inputs = _Inputs(batch, seq, config.vocab_size)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check = _check_against_upstream(model, inputs)
+    nondeterministic = sorted({str(w.message).split(".")[0][:160] for w in caught if "deterministic" in str(w.message)})
+    return {
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+        "upstream_equals_itself_bitwise": {
+            "logits": check["upstream_again"]["logits_bitwise_equal"],
+            "lora_grads": check["upstream_again"]["grads_bitwise_equal"],
+        },
+        "grouped_equals_upstream_bitwise": {
+            "logits": check["logits_bitwise_equal"],
+            "lora_grads": check["grads_bitwise_equal"],
+        },
+        "nondeterministic_ops_warned": nondeterministic,
+        "check_whole_model": check,
+    }
+
+
 def main() -> None:
     global DTYPE
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -454,6 +499,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--profile-steps", type=int, default=1, help="--diagnose: steps profiled per mode")
     parser.add_argument("--modes", default="", help=f"comma-separated subset of {', '.join(MODES)} (default: all)")
+    parser.add_argument(
+        "--deterministic-check", action="store_true",
+        help="only the upstream / grouped / upstream-again comparison, with torch's deterministic algorithms",
+    )
     args = parser.parse_args()
     only = [m for m in args.modes.split(",") if m]
     unknown = sorted(set(only) - set(MODES))
@@ -464,6 +513,12 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.deterministic_check:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before CUDA starts: deterministic cuBLAS
+        result = deterministic_check(args.layers, args.experts, args.batch, args.seq)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+        print(json.dumps({k: v for k, v in result.items() if k != "check_whole_model"}, indent=1))
+        return
     if args.diagnose:
         result = diagnose(args.layers, args.experts, args.batch, args.seq, args.profile_steps)
         Path(args.out).write_text(json.dumps(result, indent=1))
