@@ -242,16 +242,14 @@ UPSTREAM_TESTS = Path(os.environ.get("MOELORA_UPSTREAM_TESTS", ROOT.parent / "sh
 
 
 def _megatron_bridge_git() -> Path | None:
-    """A local Megatron-Bridge git directory to read the pinned test files from: $MOELORA_MEGATRON_BRIDGE_GIT,
-    else ``megatron-bridge.git`` in the upstream cache folder (lanes/fetch_upstream_tests.py's cache_dir)."""
-    named = os.environ.get("MOELORA_MEGATRON_BRIDGE_GIT")
-    if named:
-        return Path(named)
-    base = Path(os.environ["MOELORA_CACHE"]) if os.environ.get("MOELORA_CACHE") else (
-        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moe-lora-plugins"
-    )
-    found = base / "upstream" / "megatron-bridge.git"
-    return found if found.is_dir() else None
+    """lanes/fetch_upstream_tests.py's ``megatron_bridge_git()`` (the one place that knows where the clone is)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_fetch_upstream_tests", ROOT / "lanes" / "fetch_upstream_tests.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module.megatron_bridge_git()
 
 
 @nox.session(python=PY312)

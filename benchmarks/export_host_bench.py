@@ -78,7 +78,7 @@ def _profile(built: Any) -> str:
     return text.getvalue()
 
 
-def run(rounds: int = 7, tiny: bool = False) -> dict[str, Any]:
+def run(rounds: int = 7, tiny: bool = False, anchor_counts: bool = False) -> dict[str, Any]:
     import torch
 
     import moe_lora_plugins
@@ -87,10 +87,11 @@ def run(rounds: int = 7, tiny: bool = False) -> dict[str, Any]:
 
     cuda = init_single_process_group()
     device = "cuda" if cuda else "cpu"
-    if tiny:  # a CPU smoke run of this script
+    if tiny or anchor_counts:  # a CPU smoke run of this script, or the CPU proxy of the anchor's per-tensor work
         from moe_lora_plugins.testing.tiny_models import tiny_qwen3_moe_config
 
-        config = tiny_qwen3_moe_config(torch_dtype="bfloat16")
+        counts = {"num_hidden_layers": 8, "num_experts": 64, "num_experts_per_tok": 8} if anchor_counts else {}
+        config = tiny_qwen3_moe_config(torch_dtype="bfloat16", **counts)
     else:
         config = anchor_config()
     start = time.perf_counter()
@@ -143,8 +144,13 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--tiny", action="store_true", help="tiny model: a CPU smoke run")
+    parser.add_argument(
+        "--anchor-counts", action="store_true",
+        help="tiny widths with the anchor's counts (8 layers, 64 experts: the same 1,611 tensors): a CPU proxy of "
+        "the per-tensor and per-call work",
+    )
     args = parser.parse_args()
-    result = run(args.rounds, args.tiny)
+    result = run(args.rounds, args.tiny, args.anchor_counts)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps({k: result[k] for k in ("bitwise_equal", "timings", "ratios")}, indent=1))
     print(result["profile_patched_host_plain"])

@@ -2,22 +2,25 @@
 
 Runs, each in its own process with a time limit (one failing part does not stop the others):
 
-1. ``step_bench.py``: the step table (forward / full FT / attention LoRA / expert LoRA upstream,
-   grouped and in on-policy mode), interleaved, with the upstream-vs-grouped check (one GPU);
-2. ``export_host_bench.py``: ``export_hf_weights`` as users and hosts call it, upstream vs patched,
-   interleaved, bitwise checked (one GPU);
-3. ``sync_nccl.py`` twice: the Qwen3-30B-A3B-shaped adapter (48 layers, 128 experts, r=32, 79 MB)
-   between two processes of this host, over gloo and through shared memory.
+1. ``step``: ``step_bench.py``'s table (forward / full FT / attention LoRA / expert LoRA upstream and
+   grouped), interleaved, with the upstream-vs-grouped check (one GPU);
+2. ``step_on_policy``: the expert-LoRA step in true on-policy mode (the grouped path steps aside; about
+   16x a step, so two rounds) next to its own attention-only step;
+3. ``step_deterministic``: ``step_bench.py --deterministic-check``, the whole-model comparison with
+   torch's deterministic algorithms (bitwise where upstream's step then equals itself);
+4. ``export``: ``export_host_bench.py``, ``export_hf_weights`` as users and hosts call it, upstream vs
+   patched, interleaved, bitwise checked (one GPU);
+5. ``sync``: ``sync_nccl.py`` twice, the Qwen3-30B-A3B-shaped adapter (48 layers, 128 experts, r=32,
+   79 MB) between two processes of this host, over gloo and through shared memory.
 
 Writes ``OUT/suite.json`` (device, date, versions, command, each part's status) and
 ``OUT/suite.md`` (the tables), next to each part's own JSON; ``OUT/suite.log`` holds their output.
 
-    python benchmarks/speed_suite.py --out OUT [--parts step,export,sync] [--quick]
+    python benchmarks/speed_suite.py --out OUT [--parts step,step_on_policy,step_deterministic,export,sync] [--quick]
 
 On the one-H200 device machine (torch there, no vLLM / Transformer Engine; the megatron-core 0.19.2,
 megatron-bridge 0.6.2, omegaconf 2.4.0 and antlr4-python3-runtime 4.9.3 wheels carried in ``.whl``),
-the whole suite in one call (about 4 minutes of work; each part has its own time limit, 9.7 minutes
-together at most):
+the whole suite in one call (about 5 minutes of work; each part has its own time limit):
 
     pip install -q --no-deps --target /tmp/site .whl/*.whl && \
     PYTHONPATH=$PWD/src:/tmp/site NCCL_NVLS_ENABLE=0 python3 benchmarks/speed_suite.py --out $OUT
@@ -86,7 +89,7 @@ def _load(path: Path) -> Any:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _step_table(step: dict[str, Any]) -> list[str]:
+def _step_table(step: dict[str, Any], on_policy: dict[str, Any] | None = None) -> list[str]:
     rows = [
         ("forward", "forward only, no LoRA", "-"),
         ("full", "full fine-tune (every parameter)", "base"),
@@ -97,15 +100,30 @@ def _step_table(step: dict[str, Any]) -> list[str]:
     ]
     out = ["| mode | median step s | min s | trainable |", "|---|---|---|---|"]
     for key, label, model in rows:
-        t = step["timings"][key]
-        trainable = "-" if model == "-" else f"{step['trainable'][model] / 1e6:,.1f} M"
-        out.append(f"| {label} | {t['median']:.3f} | {t['min']:.3f} | {trainable} |")
-    r = step["ratios"]
+        source = on_policy if key == "lora_experts_on_policy" and key not in step["timings"] else step
+        if not source or key not in source["timings"]:
+            continue
+        t = source["timings"][key]
+        trainable = "-" if model == "-" else f"{source['trainable'][model] / 1e6:,.1f} M"
+        note = " (own part, against its own attention-only step)" if source is not step else ""
+        out.append(f"| {label}{note} | {t['median']:.3f} | {t['min']:.3f} | {trainable} |")
+    r = dict(step["ratios"])
+    if on_policy and "experts_on_policy_over_attention" in on_policy.get("ratios", {}):
+        r.setdefault("experts_on_policy_over_attention", on_policy["ratios"]["experts_on_policy_over_attention"])
     out.append("")
     out.append(
-        f"Expert LoRA / attention-only LoRA: grouped **{r['experts_grouped_over_attention']:.2f}x**, upstream "
-        f"{r['experts_upstream_over_attention']:.2f}x, on-policy {r['experts_on_policy_over_attention']:.2f}x; "
-        f"grouped / upstream {r['experts_grouped_over_upstream']:.2f}x."
+        "Expert LoRA / attention-only LoRA: "
+        + ", ".join(
+            f"{label} {r[key]:.2f}x"
+            for key, label in (
+                ("experts_grouped_over_attention", "grouped"),
+                ("experts_upstream_over_attention", "upstream"),
+                ("experts_on_policy_over_attention", "on-policy"),
+                ("experts_grouped_over_upstream", "grouped / upstream"),
+            )
+            if key in r
+        )
+        + "."
     )
     c, layer = step["check_whole_model"], step["check_layer0_fc1_lora"]
     again = c.get("upstream_again")
@@ -128,6 +146,16 @@ def _step_table(step: dict[str, Any]) -> list[str]:
         f"{layer['grouped_bf16_vs_fp32_rel_l2']:.2e}, grouped vs per-expert {layer['grouped_vs_per_expert_rel_l2']:.2e}."
     )
     return out
+
+
+def _deterministic_lines(det: dict[str, Any]) -> list[str]:
+    same, grouped = det["upstream_equals_itself_bitwise"], det["grouped_equals_upstream_bitwise"]
+    return [
+        f"With torch's deterministic algorithms (own process, CUBLAS_WORKSPACE_CONFIG={det['cublas_workspace_config']}): "
+        f"upstream equals itself bitwise: logits {same['logits']}, LoRA grads {same['lora_grads']}; grouped equals "
+        f"upstream bitwise: logits {grouped['logits']}, LoRA grads {grouped['lora_grads']}; ops torch warned about: "
+        f"{det['nondeterministic_ops_warned'] or 'none'}."
+    ]
 
 
 def _export_table(export: dict[str, Any]) -> list[str]:
@@ -159,7 +187,7 @@ def _sync_table(syncs: dict[str, Any]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
-    parser.add_argument("--parts", default="step,export,sync")
+    parser.add_argument("--parts", default="step,step_on_policy,step_deterministic,export,sync")
     parser.add_argument("--quick", action="store_true", help="fewer rounds (for a tight device budget)")
     args = parser.parse_args()
     out = Path(args.out)
@@ -173,9 +201,18 @@ def main() -> None:
     }
     rounds = ["--rounds", "4", "--warmup", "1"] if args.quick else ["--rounds", "5", "--warmup", "2"]
     with open(out / "suite.log", "w") as log:
-        if "step" in parts:
-            suite["parts"]["step"] = _run("step", ["benchmarks/step_bench.py", "--out", str(out / "step.json"), *rounds],
-                                          260, log)
+        if "step" in parts:  # the on-policy mode (16x a step) runs as its own part, with fewer rounds
+            modes = "forward,full,lora_attention,lora_experts_upstream,lora_experts_grouped"
+            suite["parts"]["step"] = _run("step", ["benchmarks/step_bench.py", "--out", str(out / "step.json"),
+                                                   "--modes", modes, *rounds], 200, log)
+        if "step_on_policy" in parts:
+            suite["parts"]["step_on_policy"] = _run(
+                "step_on_policy", ["benchmarks/step_bench.py", "--out", str(out / "step_on_policy.json"), "--modes",
+                                   "lora_attention,lora_experts_on_policy", "--rounds", "2", "--warmup", "1"], 150, log)
+        if "step_deterministic" in parts:
+            suite["parts"]["step_deterministic"] = _run(
+                "step_deterministic", ["benchmarks/step_bench.py", "--deterministic-check", "--out",
+                                       str(out / "step_deterministic.json")], 100, log)
         if "export" in parts:
             suite["parts"]["export"] = _run("export", ["benchmarks/export_host_bench.py", "--out",
                                                        str(out / "export_host.json"), "--rounds", "5"], 140, log)
@@ -190,7 +227,10 @@ def main() -> None:
     lines = [f"Date: {suite['date']}. Command: `{suite['command']}`.", "", f"Versions: {json.dumps(suite['versions'])}", ""]
     step, export = _load(out / "step.json"), _load(out / "export_host.json")
     if step:
-        lines += ["## Training step", "", *_step_table(step), ""]
+        lines += ["## Training step", "", *_step_table(step, _load(out / "step_on_policy.json")), ""]
+    det = _load(out / "step_deterministic.json")
+    if det:
+        lines += [*_deterministic_lines(det), ""]
     if export:
         lines += ["## Export as a host calls it (world size 1)", "", *_export_table(export), ""]
     if "sync" in parts:

@@ -21,6 +21,16 @@ float32 are reported side by side. Every timed round counts the grouped calls: t
 must make two per MoE layer, the others none, or the script stops.
 
     python benchmarks/step_bench.py --out step.json [--rounds 5] [--warmup 2] [--layers 8]
+
+A CPU proxy of the per-call (Python and dispatch) overhead, where the matmuls are small and
+float32 (the CPU runs bf16 and ``torch._grouped_mm`` in bf16 slowly, which would hide the overhead):
+
+    python benchmarks/step_bench.py --tiny --dtype float32 --threads 1 --experts 128 --layers 4 \
+        --batch 1 --seq 128 --modes lora_attention,lora_experts_upstream,lora_experts_grouped --out cpu.json
+    python benchmarks/step_bench.py --diagnose --dtype float32 --threads 1 --experts 128 --layers 4 \
+        --batch 1 --seq 128 --profile-steps 5 --out cpu-diagnose.json
+
+``cpu_timings`` (the process's CPU seconds per step) is the figure to read there on a shared box.
 """
 
 from __future__ import annotations
@@ -50,13 +60,16 @@ MODES = (
 )
 
 
+DTYPE = "bfloat16"  # of the models and their activations; --dtype float32 for the CPU proxy
+
+
 def issue_config(layers: int = 8, experts: int = 128, tiny: bool = False) -> Any:
     from transformers import Qwen3MoeConfig
 
     if tiny:  # a CPU smoke run of this script
         from moe_lora_plugins.testing.tiny_models import tiny_qwen3_moe_config
 
-        return tiny_qwen3_moe_config(num_hidden_layers=layers, num_experts=experts, torch_dtype="bfloat16")
+        return tiny_qwen3_moe_config(num_hidden_layers=layers, num_experts=experts, torch_dtype=DTYPE)
     return Qwen3MoeConfig(
         vocab_size=32000,
         hidden_size=2048,
@@ -70,7 +83,7 @@ def issue_config(layers: int = 8, experts: int = 128, tiny: bool = False) -> Any
         num_experts_per_tok=8,
         max_position_embeddings=4096,
         tie_word_embeddings=False,
-        torch_dtype="bfloat16",
+        torch_dtype=DTYPE,
         architectures=["Qwen3MoeForCausalLM"],
     )
 
@@ -94,7 +107,7 @@ def _build(config: Any, lora: LoraSettings | None) -> Any:
     from moe_lora_plugins.testing.tiny_models import ParallelLayout, build_lora_model, fill_from_global_names
 
     device = _device()
-    built = build_lora_model(config, ParallelLayout(), lora, dtype=torch.bfloat16, device=device)
+    built = build_lora_model(config, ParallelLayout(), lora, dtype=getattr(torch, DTYPE), device=device)
     fill_from_global_names(built, generate_on=device)
     return built.model[0]
 
@@ -189,11 +202,13 @@ def _check_against_upstream(model: Any, inputs: _Inputs) -> dict[str, Any]:
         "logits_max_abs": float((lg.float() - lu.float()).abs().max()),
         "logits_max_abs_reference": float(lu.float().abs().max()),
         "logits_bitwise_equal": bool(torch.equal(lg, lu)),
+        "grads_bitwise_equal": all(torch.equal(gg[n], gu[n]) for n in gu),
         "expert_lora_grads": worst(gg, expert),
         "attention_lora_grads": worst(gg, other),
         "upstream_again": {
             "logits_rel_l2": _rel(la, lu),
             "logits_bitwise_equal": bool(torch.equal(la, lu)),
+            "grads_bitwise_equal": all(torch.equal(ga[n], gu[n]) for n in gu),
             "expert_lora_grads": worst(ga, expert),
             "attention_lora_grads": worst(ga, other),
         },
@@ -238,15 +253,15 @@ def _check_layer_against_float32(model: Any, inputs: _Inputs) -> dict[str, Any]:
     }
 
 
-def _timed(model: Any, inputs: _Inputs, mode: str, calls: dict[str, int]) -> tuple[float, int]:
-
+def _timed(model: Any, inputs: _Inputs, mode: str, calls: dict[str, int]) -> tuple[float, float, int]:
+    """Wall seconds and this process's CPU seconds of one step, and the grouped calls it made."""
     _enter(mode)
     _sync()
     calls["n"] = 0
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     _step(model, inputs, backward=mode != "forward")
     _sync()
-    return time.perf_counter() - start, calls["n"]
+    return time.perf_counter() - start, time.process_time() - start_cpu, calls["n"]
 
 
 def run(
@@ -273,7 +288,9 @@ def run(
 
     config = issue_config(layers, experts, tiny)
     device_name = torch.cuda.get_device_name() if cuda else "cpu"
-    result: dict[str, Any] = {"device": device_name, "batch": batch, "seq": seq, "layers": layers, "experts": experts}
+    result: dict[str, Any] = {
+        "device": device_name, "dtype": DTYPE, "batch": batch, "seq": seq, "layers": layers, "experts": experts
+    }
     start = time.perf_counter()
     models = {"base": _build(config, None)}
     cpu_training.install()  # the CUDA RNG fork around attention dropout (0 here)
@@ -300,18 +317,24 @@ def run(
     model_of = {"forward": "base", "full": "base", "lora_attention": "attention"}
     modes = [m for m in MODES if m in (only or MODES)]
     samples: dict[str, list[float]] = {m: [] for m in modes}
+    cpu_samples: dict[str, list[float]] = {m: [] for m in modes}
     for r in range(warmup + rounds):
         for mode in modes:
-            seconds, n = _timed(models[model_of.get(mode, "experts")], inputs, mode, calls)
+            seconds, cpu_seconds, n = _timed(models[model_of.get(mode, "experts")], inputs, mode, calls)
             expected = 2 * moe_layers if mode == "lora_experts_grouped" else 0
             if n != expected:
                 raise RuntimeError(f"{mode}: {n} grouped calls in a step, expected {expected}")
             if r >= warmup:
                 samples[mode].append(seconds)
+                cpu_samples[mode].append(cpu_seconds)
     grouped.grouped_lora_delta = plain_delta
     _enter("lora_experts_upstream")
     result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     result["samples"] = samples
+    # the process's CPU time per step (all its threads): on a shared CPU box, with --threads 1, a
+    # measure of the per-call work that other processes' load disturbs less than the wall clock
+    result["cpu_samples"] = cpu_samples
+    result["cpu_timings"] = {m: {"median": statistics.median(v), "min": min(v)} for m, v in cpu_samples.items()}
     result["timings"] = {
         m: {"median": statistics.median(v), "min": min(v), "max": max(v)} for m, v in samples.items()
     }
@@ -326,9 +349,12 @@ def run(
     return result
 
 
-def diagnose(layers: int = 8, experts: int = 128, batch: int = 4, seq: int = 2048) -> dict[str, Any]:
+def diagnose(
+    layers: int = 8, experts: int = 128, batch: int = 4, seq: int = 2048, profile_steps: int = 1
+) -> dict[str, Any]:
     """Where the grouped step's time goes next to the attention-only step: forward-only and
-    forward+backward times of each, and a cProfile of one step of each (top functions by own time)."""
+    forward+backward times of each, and a cProfile of ``profile_steps`` steps of each (top functions by
+    own time, and the profile's total)."""
     import cProfile
     import io
     import pstats
@@ -358,22 +384,107 @@ def diagnose(layers: int = 8, experts: int = 128, batch: int = 4, seq: int = 204
                 _sync()
                 times[mode][what].append(time.perf_counter() - start)
     result["times_median"] = {m: {w: statistics.median(v[1:]) for w, v in d.items()} for m, d in times.items()}
+    result["layer0_experts_cpu_seconds"] = _layer_times(models, inputs, cases, repeats=max(10, 6 * profile_steps))
     result["profiles"] = {}
-    for mode in ("lora_attention", "lora_experts_grouped"):
-        _enter(mode)
-        profiler = cProfile.Profile()
-        _sync()
-        profiler.enable()
-        _step(models[cases[mode]], inputs, backward=True)
-        _sync()
-        profiler.disable()
+    result["profile_seconds_per_step"] = {}
+    profilers = {mode: cProfile.Profile() for mode in ("lora_attention", "lora_experts_grouped")}
+    for _ in range(profile_steps):  # interleaved, as the timed rounds
+        for mode, profiler in profilers.items():
+            _enter(mode)
+            _sync()
+            profiler.enable()
+            _step(models[cases[mode]], inputs, backward=True)
+            _sync()
+            profiler.disable()
+    for mode, profiler in profilers.items():
         text = io.StringIO()
-        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(22)
+        stats = pstats.Stats(profiler, stream=text)
+        result["profile_seconds_per_step"][mode] = stats.total_tt / profile_steps
+        stats.sort_stats("tottime").print_stats(30)
         result["profiles"][mode] = text.getvalue()
     return result
 
 
+def _layer_times(models: dict[str, Any], inputs: _Inputs, cases: dict[str, str], repeats: int) -> dict[str, Any]:
+    """Layer 0's experts alone (``SequentialMLP``, forward + backward of its output's sum) on the tokens
+    the model routes to them, per mode, interleaved: this process's CPU seconds, median and min of
+    ``repeats``. The per-call work of the experts without the rest of the step around it."""
+    import torch
+
+    captured: dict[str, tuple[Any, ...]] = {}
+    for mode, name in cases.items():
+        experts = next(m for m in models[name].modules() if type(m).__name__ == "SequentialMLP")
+
+        def keep(module: Any, args: Any, mode: str = mode) -> None:
+            captured.setdefault(mode, (module, *(a.detach() for a in args)))
+
+        handle = experts.register_forward_pre_hook(keep)
+        _enter(mode)
+        with torch.no_grad():
+            models[name](input_ids=inputs.tokens, position_ids=inputs.position_ids, attention_mask=inputs.mask)
+        handle.remove()
+    samples: dict[str, list[float]] = {m: [] for m in cases}
+    for _ in range(repeats):
+        for mode, (experts, hidden, tokens_per_expert, probs) in captured.items():
+            _enter(mode)
+            x = hidden.clone().requires_grad_()
+            _sync()
+            start = time.process_time()
+            output, _ = experts(x, tokens_per_expert, probs)
+            output.float().sum().backward()
+            _sync()
+            samples[mode].append(time.process_time() - start)
+    for model in models.values():
+        for p in _trainable(model):
+            p.grad = None
+    return {m: {"median": statistics.median(v), "min": min(v)} for m, v in samples.items()}
+
+
+def deterministic_check(layers: int = 8, experts: int = 128, batch: int = 4, seq: int = 2048) -> dict[str, Any]:
+    """The whole-model comparison of ``_check_against_upstream`` with torch's deterministic algorithms on
+    (``CUBLAS_WORKSPACE_CONFIG`` set before CUDA starts, ``torch.use_deterministic_algorithms(True,
+    warn_only=True)``): where upstream's step then equals itself bitwise, the grouped step's equality
+    with it is a bitwise statement about the patch, not one within upstream's own noise. Its own process
+    (``--deterministic-check``), so the timed run keeps torch's defaults."""
+    import warnings
+
+    import torch
+
+    from moe_lora_plugins.demo import cpu_training
+    from moe_lora_plugins.testing.distributed import init_single_process_group
+
+    cuda = init_single_process_group()
+    if not cuda:
+        from moe_lora_plugins.testing.megatron_cpu import prepare_megatron_cpu
+
+        prepare_megatron_cpu()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    config = issue_config(layers, experts, tiny=not cuda)
+    cpu_training.install()
+    model = _build(config, LoraSettings(dim=16, alpha=32, target_modules=EVERY_LINEAR))
+    inputs = _Inputs(batch, seq, config.vocab_size)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check = _check_against_upstream(model, inputs)
+    nondeterministic = sorted({str(w.message).split(".")[0][:160] for w in caught if "deterministic" in str(w.message)})
+    return {
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+        "upstream_equals_itself_bitwise": {
+            "logits": check["upstream_again"]["logits_bitwise_equal"],
+            "lora_grads": check["upstream_again"]["grads_bitwise_equal"],
+        },
+        "grouped_equals_upstream_bitwise": {
+            "logits": check["logits_bitwise_equal"],
+            "lora_grads": check["grads_bitwise_equal"],
+        },
+        "nondeterministic_ops_warned": nondeterministic,
+        "check_whole_model": check,
+    }
+
+
 def main() -> None:
+    global DTYPE
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--rounds", type=int, default=5)
@@ -384,22 +495,42 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--tiny", action="store_true", help="tiny model (hidden 64): a CPU smoke run")
     parser.add_argument("--diagnose", action="store_true", help="time breakdown and profiles instead of the table")
+    parser.add_argument("--dtype", default=DTYPE, choices=("bfloat16", "float32"), help="of the models (default bfloat16)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--profile-steps", type=int, default=1, help="--diagnose: steps profiled per mode")
     parser.add_argument("--modes", default="", help=f"comma-separated subset of {', '.join(MODES)} (default: all)")
+    parser.add_argument(
+        "--deterministic-check", action="store_true",
+        help="only the upstream / grouped / upstream-again comparison, with torch's deterministic algorithms",
+    )
     args = parser.parse_args()
     only = [m for m in args.modes.split(",") if m]
     unknown = sorted(set(only) - set(MODES))
     if unknown:
         parser.error(f"--modes: unknown {unknown}; choose from {list(MODES)}")
-    if args.diagnose:
-        result = diagnose(args.layers, args.experts, args.batch, args.seq)
+    DTYPE = args.dtype
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.deterministic_check:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before CUDA starts: deterministic cuBLAS
+        result = deterministic_check(args.layers, args.experts, args.batch, args.seq)
         Path(args.out).write_text(json.dumps(result, indent=1))
-        print(json.dumps({k: result[k] for k in ("check_whole_model", "times_median")}, indent=1))
+        print(json.dumps({k: v for k, v in result.items() if k != "check_whole_model"}, indent=1))
+        return
+    if args.diagnose:
+        result = diagnose(args.layers, args.experts, args.batch, args.seq, args.profile_steps)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+        shown = ("check_whole_model", "times_median", "layer0_experts_cpu_seconds", "profile_seconds_per_step")
+        print(json.dumps({k: result[k] for k in shown}, indent=1))
         for name, text in result["profiles"].items():
             print(f"==== {name}\n{text}")
         return
     result = run(args.rounds, args.warmup, args.layers, args.experts, args.batch, args.seq, args.tiny, only)
     Path(args.out).write_text(json.dumps(result, indent=1))
-    print(json.dumps({k: result[k] for k in ("timings", "ratios", "check_whole_model", "check_layer0_fc1_lora")}, indent=1))
+    shown = ("timings", "cpu_timings", "ratios", "check_whole_model", "check_layer0_fc1_lora")
+    print(json.dumps({k: result[k] for k in shown}, indent=1))
 
 
 if __name__ == "__main__":

@@ -99,6 +99,17 @@ def cache_dir() -> Path:
     return base / "moe-lora-plugins"
 
 
+def megatron_bridge_git() -> Path | None:
+    """The local Megatron-Bridge git directory the pinned test files are read from:
+    ``$MOELORA_MEGATRON_BRIDGE_GIT``, else ``megatron-bridge.git`` in :func:`cache_dir`'s ``upstream``
+    folder when it exists (the CI machine keeps a bare clone there); ``None`` when neither is set up."""
+    named = os.environ.get("MOELORA_MEGATRON_BRIDGE_GIT")
+    if named:
+        return Path(named)
+    found = cache_dir() / "upstream" / "megatron-bridge.git"
+    return found if found.is_dir() else None
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -164,7 +175,9 @@ def fetch_vllm(out: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--git-dir", type=Path, help="a local clone of the upstream repository")
+    parser.add_argument(
+        "--git-dir", type=Path, help="a local clone of the upstream repository (default: megatron_bridge_git())"
+    )
     parser.add_argument("--vllm", action="store_true", help="vLLM's LoRA tests from its PyPI sdist")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--package", default="megatron_bridge")
@@ -172,7 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.vllm:
         return fetch_vllm(args.out)
     if args.git_dir is None:
-        parser.error("--git-dir is required (or --vllm)")
+        args.git_dir = megatron_bridge_git()
+    if args.git_dir is None:
+        parser.error(
+            "no Megatron-Bridge clone: pass --git-dir, set MOELORA_MEGATRON_BRIDGE_GIT, or keep a clone at "
+            f"{cache_dir() / 'upstream' / 'megatron-bridge.git'} (or --vllm)"
+        )
     written = 0
     for package, repo, commit, path in entries():
         if package != args.package:

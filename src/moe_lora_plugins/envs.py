@@ -56,6 +56,9 @@ SWITCHES: tuple[Switch, ...] = (
     Switch("MOELORA_ONPOLICY_GATE", "exact | a tolerance (e.g. 1e-6) | off", "off",
            "What moe_lora_plugins.onpolicy.gate.check_step does with a step's train/rollout log-prob diff: "
            "exact fails on any diff other than 0.0, a tolerance fails above it, off only reports."),
+    Switch("MOELORA_SYNC_FILL_THREADS", "a whole number >= 1", "min(4, usable CPUs)",
+           "Threads that copy an adapter sync's pieces into one host bucket (shared-memory and CPU transports) "
+           "when the bucket holds at least 8 MiB; 1 copies on the calling thread only."),
 )
 
 SWITCH_NAMES = frozenset(s.name for s in SWITCHES)
@@ -105,6 +108,23 @@ def parse_gate(raw: str | None) -> str:
     return repr(tolerance)
 
 
+def parse_fill_threads(raw: str | None) -> int | None:
+    """``MOELORA_SYNC_FILL_THREADS``: a whole number >= 1, or ``None`` when unset or blank (the default)."""
+    value = (raw or "").strip()
+    if not value:
+        return None
+    try:
+        threads = int(value)
+    except ValueError:
+        threads = 0
+    if threads < 1:
+        raise SettingsError(
+            f"MOELORA_SYNC_FILL_THREADS={raw!r} is not a whole number >= 1. Set it to 1 to fill sync buckets "
+            "on the calling thread only, or unset it for the default (min(4, usable CPUs))."
+        )
+    return threads
+
+
 def is_switched_on(environ: Mapping[str, str] | None = None) -> bool:
     """Only ``MOELORA_PLUGINS``: the one lookup the bootstrap makes before anything else."""
     env = os.environ if environ is None else environ
@@ -127,6 +147,7 @@ class Settings:
     export_audit: bool = True
     true_on_policy: bool = False
     onpolicy_gate: str = "off"
+    sync_fill_threads: int | None = None  # None: min(4, usable CPUs)
     raw: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     def patch_enabled(self, patch_id: str) -> bool:
@@ -150,6 +171,7 @@ class Settings:
             "MOELORA_EXPORT_AUDIT": "on" if self.export_audit else "off",
             "MOELORA_TRUE_ON_POLICY": "on" if self.true_on_policy else "off",
             "MOELORA_ONPOLICY_GATE": self.onpolicy_gate,
+            "MOELORA_SYNC_FILL_THREADS": "default" if self.sync_fill_threads is None else str(self.sync_fill_threads),
         }
         return [
             {"name": s.name, "set": self.raw.get(s.name, ""), "parsed": parsed[s.name], "default": s.default}
@@ -184,6 +206,7 @@ def load_settings(
         export_audit=parse_bool("MOELORA_EXPORT_AUDIT", env.get("MOELORA_EXPORT_AUDIT"), default=True),
         true_on_policy=parse_bool("MOELORA_TRUE_ON_POLICY", env.get("MOELORA_TRUE_ON_POLICY")),
         onpolicy_gate=parse_gate(env.get("MOELORA_ONPOLICY_GATE")),
+        sync_fill_threads=parse_fill_threads(env.get("MOELORA_SYNC_FILL_THREADS")),
         raw=raw,
     )
     if known_patch_ids is not None:

@@ -126,3 +126,54 @@ def test_a_manifest_entry_reaching_past_the_payload_is_refused():
     entry = ManifestEntry("w.lora_A.weight", "float32", (2, 3), 8, 24)
     with pytest.raises(AdapterSyncError, match=r"claims bytes 8..32 of a 24-byte payload"):
         tensor_from_payload(torch.zeros(24, dtype=torch.uint8), entry, "sender 0 bucket 0")
+
+
+def _mixed_pieces(count: int) -> list[AdapterPiece]:
+    g = torch.Generator().manual_seed(1)
+    dtypes = (torch.bfloat16, torch.float32, torch.int8, torch.float16)
+    pieces = []
+    for i in range(count):
+        values = torch.randn(3 + i % 5, 7 + i % 11, generator=g) * 50
+        pieces.append(AdapterPiece(f"p{i}", values.to(dtypes[i % len(dtypes)])))
+    return pieces
+
+
+@pytest.mark.parametrize("threads", [2, 3, 4, 7])
+def test_a_bucket_filled_by_several_threads_is_byte_for_byte_the_single_thread_fill(monkeypatch, threads):
+    from moe_lora_plugins.sync import staging
+
+    pieces = _mixed_pieces(61)
+    entries, nbytes = bucket_layout(pieces)
+    monkeypatch.setattr(staging, "PARALLEL_FILL_BYTES", 0)  # this small bucket takes the threaded path too
+    monkeypatch.setenv("MOELORA_SYNC_FILL_THREADS", "1")
+    single = staging.fill_host_payload(pieces, entries, torch.full((nbytes,), 0xAB, dtype=torch.uint8)).clone()
+    monkeypatch.setenv("MOELORA_SYNC_FILL_THREADS", str(threads))
+    calls = []
+    real = staging._copy_spans
+    monkeypatch.setattr(staging, "_copy_spans", lambda target, spans: (calls.append(len(spans)), real(target, spans)))
+    threaded = staging.fill_host_payload(pieces, entries, torch.full((nbytes,), 0xCD, dtype=torch.uint8))
+    assert len(calls) == min(threads, 61 * 2) and sum(calls) >= 61  # it really ran in runs
+    assert torch.equal(single, threaded)  # padding zeroed by whichever thread owns it, every piece in place
+    for piece, entry in zip(pieces, entries, strict=True):
+        assert torch.equal(tensor_from_payload(threaded, entry, "bucket 0"), piece.tensor)
+
+
+def test_split_runs_keeps_order_covers_every_span_once_and_balances_bytes():
+    from moe_lora_plugins.sync.staging import _split_runs
+
+    spans = [(i * 10, i * 10 + 10, i) for i in range(40)]
+    runs = _split_runs(spans, 4)
+    assert [s for run in runs for s in run] == spans
+    assert [sum(s[1] - s[0] for s in run) for run in runs] == [100, 100, 100, 100]
+    assert _split_runs(spans[:1], 4) == [spans[:1]]
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "four"])
+def test_a_bad_fill_thread_count_is_refused_naming_the_value_and_the_fix(monkeypatch, value):
+    from moe_lora_plugins.sync.staging import fill_threads
+
+    monkeypatch.setenv("MOELORA_SYNC_FILL_THREADS", value)
+    from moe_lora_plugins.errors import SettingsError
+
+    with pytest.raises(SettingsError, match=rf"MOELORA_SYNC_FILL_THREADS='{value}' is not a whole number >= 1\. Set it to 1"):
+        fill_threads()

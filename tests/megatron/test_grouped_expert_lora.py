@@ -22,7 +22,9 @@ TOKENS = (3, 17, 42, 99, 5, 64, 8, 120, 1, 77, 31, 2, 9, 14, 66, 101)
 LORA = LoraSettings(dim=8, alpha=16)
 
 
-def forward_backward_three_ways(hf_config: Any, layout: ParallelLayout, dtype_name: str) -> dict[str, Any]:
+def forward_backward_three_ways(
+    hf_config: Any, layout: ParallelLayout, dtype_name: str, expert_hooks: bool = False
+) -> dict[str, Any]:
     import os
 
     import torch
@@ -50,11 +52,28 @@ def forward_backward_three_ways(hf_config: Any, layout: ParallelLayout, dtype_na
         return upstream_delta(*args, **kwargs)
 
     grouped.grouped_lora_delta = counted
+    import moe_lora_plugins.patches.megatron_bridge.grouped_expert_lora as patch
+
+    one_activation = {"n": 0}
+    layer_forward = patch._one_activation_forward
+
+    def counted_layer(*args: Any, **kwargs: Any) -> Any:
+        one_activation["n"] += 1
+        return layer_forward(*args, **kwargs)
+
+    patch._one_activation_forward = counted_layer
+    if expert_hooks:  # a hook on an expert module: the experts' activation must run per expert
+        seen = []
+        for module in model.modules():
+            if type(module).__name__ == "SequentialMLP":
+                for expert in module.local_experts:
+                    expert.register_forward_pre_hook(lambda m, args: seen.append(1))
 
     def step() -> dict[str, Any]:
         for p in model.parameters():
             p.grad = None
         calls["n"] = 0
+        one_activation["n"] = 0
         logits = model(input_ids=tokens, position_ids=torch.arange(seq)[None], attention_mask=causal)
         (logits.float() * weights).sum().backward()
         # the on-policy MoE path computes only the experts that received tokens, so an idle expert's
@@ -64,7 +83,12 @@ def forward_backward_three_ways(hf_config: Any, layout: ParallelLayout, dtype_na
             for n, p in model.named_parameters()
             if p.requires_grad
         }
-        return {"logits": logits.detach().clone(), "grads": grads, "grouped_calls": calls["n"]}
+        return {
+            "logits": logits.detach().clone(),
+            "grads": grads,
+            "grouped_calls": calls["n"],
+            "one_activation_calls": one_activation["n"],
+        }
 
     upstream = step()
     moe_lora_plugins.activate(role="trainer")
@@ -95,6 +119,7 @@ def forward_backward_three_ways(hf_config: Any, layout: ParallelLayout, dtype_na
         "status": status,
         "moe_layers": sum(1 for m in model.modules() if type(m).__name__ == "SequentialMLP"),
         "patched_calls": patched["grouped_calls"],
+        "one_activation_calls": patched["one_activation_calls"],
         "on_policy_calls": on_policy["grouped_calls"],
         "patched_differs": diff(upstream, patched),
         "on_policy_relative": worst_relative(upstream, on_policy),
@@ -104,16 +129,25 @@ def forward_backward_three_ways(hf_config: Any, layout: ParallelLayout, dtype_na
 
 
 @pytest.mark.parametrize(
-    "layout,dtype_name",
-    [(ParallelLayout(), "float32"), (ParallelLayout(), "bfloat16"), (ParallelLayout(ep=2), "float32")],
-    ids=["world1-fp32", "world1-bf16", "ep2-fp32"],
+    "layout,dtype_name,expert_hooks",
+    [
+        (ParallelLayout(), "float32", False),
+        (ParallelLayout(), "bfloat16", False),
+        (ParallelLayout(ep=2), "float32", False),
+        (ParallelLayout(), "float32", True),
+    ],
+    ids=["world1-fp32", "world1-bf16", "ep2-fp32", "world1-fp32-expert-hooks"],
 )
-def test_grouped_expert_lora_gives_upstreams_logits_and_gradients_bitwise(layout, dtype_name):
+def test_grouped_expert_lora_gives_upstreams_logits_and_gradients_bitwise(layout, dtype_name, expert_hooks):
     config = tiny_qwen3_moe_config(num_experts=8, num_experts_per_tok=2, num_hidden_layers=2)
-    results = run_distributed(forward_backward_three_ways, layout.world_size, (config, layout, dtype_name), timeout_s=600)
+    results = run_distributed(
+        forward_backward_three_ways, layout.world_size, (config, layout, dtype_name, expert_hooks), timeout_s=600
+    )
     for rank, r in enumerate(results):
         assert r["status"] == "applied", (rank, r["status"])
         assert r["moe_layers"] == 2
+        # the experts' activation ran once per layer, or per expert where an expert module has hooks
+        assert r["one_activation_calls"] == (0 if expert_hooks else r["moe_layers"]), (rank, r["one_activation_calls"])
         # experts that got no token keep zero gradients (upstream's too): most must have some
         assert len(r["zero_expert_lora_grads"]) < r["expert_lora_grads"] / 2, (rank, r)
         assert r["patched_calls"] == 2 * r["moe_layers"], (rank, r["patched_calls"])
@@ -122,3 +156,121 @@ def test_grouped_expert_lora_gives_upstreams_logits_and_gradients_bitwise(layout
         tolerance = 5e-2 if dtype_name == "bfloat16" else 1e-4
         print("on-policy vs upstream, worst relative", dtype_name, r["on_policy_relative"])
         assert r["on_policy_relative"] < tolerance, (rank, r["on_policy_relative"])
+
+
+def grouped_follows_changes_between_calls(hf_config: Any, layout: ParallelLayout) -> dict[str, Any]:
+    """One model, changed between steps the ways a user changes it; after each change a step upstream
+    (suite off) and a step with the suite on must give bitwise the same logits and LoRA gradients, and
+    the grouped calls per step say which layers ran grouped."""
+    import torch
+
+    import moe_lora_plugins
+    import moe_lora_plugins.lora.grouped as grouped
+    from moe_lora_plugins.demo import cpu_training
+    from moe_lora_plugins.testing.tiny_models import build_lora_model, fill_from_global_names
+
+    built = build_lora_model(hf_config, layout, LORA, dtype=torch.float32)
+    cpu_training.install()
+    fill_from_global_names(built)
+    model = built.model[0]
+    model.train()
+    tokens = torch.tensor([TOKENS])
+    seq = tokens.shape[1]
+    causal = torch.triu(torch.ones(seq, seq, dtype=torch.bool), diagonal=1)[None, None]
+    weights = torch.randn(1, seq, hf_config.vocab_size, generator=torch.Generator().manual_seed(7))
+    calls = {"n": 0}
+    plain_delta = grouped.grouped_lora_delta
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        return plain_delta(*args, **kwargs)
+
+    grouped.grouped_lora_delta = counted
+    layers = [m for m in model.modules() if type(m).__name__ == "SequentialMLP"]
+    first = layers[0].local_experts[1]
+    seen: dict[str, list[Any]] = {"fc1_hook": [], "pre_hook": []}
+
+    def step(suite_on: bool) -> tuple[Any, dict[str, Any], int]:
+        if suite_on:
+            moe_lora_plugins.activate(role="trainer")
+        else:
+            moe_lora_plugins.deactivate()
+        for p in model.parameters():
+            p.grad = None
+        calls["n"] = 0
+        seen["fc1_hook"].clear()
+        logits = model(input_ids=tokens, position_ids=torch.arange(seq)[None], attention_mask=causal)
+        (logits.float() * weights).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+        return logits.detach().clone(), grads, calls["n"]
+
+    def compare(name: str) -> dict[str, Any]:
+        up_logits, up_grads, _ = step(suite_on=False)
+        up_hook = [t.clone() for t in seen["fc1_hook"]]
+        logits, grads, n = step(suite_on=True)
+        differs = [] if torch.equal(logits, up_logits) else ["logits"]
+        differs += [k for k in up_grads if k not in grads or not torch.equal(grads[k], up_grads[k])]
+        hook_equal = len(up_hook) == len(seen["fc1_hook"]) and all(
+            torch.equal(a, b) for a, b in zip(up_hook, seen["fc1_hook"], strict=True)
+        )
+        return {"case": name, "grouped_calls": n, "differs": differs[:8], "fc1_hook_outputs_equal": hook_equal}
+
+    out = [compare("as built")]
+    wrapper = first.linear_fc1
+    wrapper.disable_adapter_layers()
+    out.append(compare("one fc1 adapter disabled"))
+    wrapper.enable_adapter_layers()
+    out.append(compare("enabled again"))
+    lora_fc2 = first.linear_fc2
+    first.linear_fc2 = lora_fc2.to_wrap
+    out.append(compare("one fc2 LoRA swapped for its base layer"))
+    first.linear_fc2 = lora_fc2
+    out.append(compare("swapped back"))
+    linear_in = wrapper.adapter.linear_in
+    with torch.no_grad():
+        replacement = torch.nn.Parameter(linear_in.weight.detach() * 2)
+    linear_in.weight = replacement
+    case = compare("one fc1 LoRA A replaced by a new parameter")
+    case["new_parameter_has_grad"] = replacement.grad is not None and bool(replacement.grad.abs().sum() > 0)
+    out.append(case)
+    handles = [
+        wrapper.register_forward_hook(lambda m, a, o: seen["fc1_hook"].append(o[0].detach())),
+        wrapper.register_forward_pre_hook(lambda m, a: seen["pre_hook"].append(m)),
+    ]
+    case = compare("forward hook and pre-hook on an fc1 LoRA wrapper")
+    case["pre_hook_module_is_wrapper"] = bool(seen["pre_hook"]) and all(m is wrapper for m in seen["pre_hook"])
+    out.append(case)
+    for handle in handles:
+        handle.remove()
+    handle = lora_fc2.register_forward_hook(lambda m, a, o: None)
+    out.append(compare("forward hook on an fc2 LoRA wrapper"))
+    handle.remove()
+    out.append(compare("hooks removed"))
+    grouped.grouped_lora_delta = plain_delta
+    return {"moe_layers": len(layers), "cases": out}
+
+
+def test_grouped_expert_lora_notices_a_disabled_adapter_a_swapped_module_and_hooks_between_calls():
+    config = tiny_qwen3_moe_config(num_experts=8, num_experts_per_tok=2, num_hidden_layers=2)
+    (result,) = run_distributed(grouped_follows_changes_between_calls, 1, (config, ParallelLayout()), timeout_s=600)
+    every = 2 * result["moe_layers"]
+    one_layer_aside = every - 2
+    expected_calls = {
+        "as built": every,
+        "one fc1 adapter disabled": one_layer_aside,
+        "enabled again": every,
+        "one fc2 LoRA swapped for its base layer": one_layer_aside,
+        "swapped back": every,
+        "one fc1 LoRA A replaced by a new parameter": every,
+        "forward hook and pre-hook on an fc1 LoRA wrapper": every,
+        "forward hook on an fc2 LoRA wrapper": one_layer_aside,
+        "hooks removed": every,
+    }
+    cases = {c["case"]: c for c in result["cases"]}
+    assert list(cases) == list(expected_calls)
+    for name, case in cases.items():
+        assert case["differs"] == [], case
+        assert case["grouped_calls"] == expected_calls[name], case
+        assert case["fc1_hook_outputs_equal"], case
+    assert cases["one fc1 LoRA A replaced by a new parameter"]["new_parameter_has_grad"]
+    assert cases["forward hook and pre-hook on an fc1 LoRA wrapper"]["pre_hook_module_is_wrapper"]

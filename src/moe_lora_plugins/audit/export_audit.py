@@ -84,7 +84,7 @@ def _shape(tensor: Any) -> tuple[int, ...] | None:
         shape = tensor.shape
         if not isinstance(shape, tuple):
             return None
-        return tuple(operator.index(dim) for dim in shape)
+        return tuple(map(operator.index, shape))
     except Exception:  # a tensor-like whose shape cannot be read is passed through unchecked
         return None
 
@@ -94,6 +94,8 @@ def _nbytes(tensor: Any) -> int | None:
         size = tensor.numel() * tensor.element_size()
     except Exception:  # not a torch tensor: try the numpy-style attribute
         size = getattr(tensor, "nbytes", None)
+    if type(size) is int:  # the common case, without the ABC check below
+        return size
     return size if isinstance(size, numbers.Integral) and not isinstance(size, bool) else None
 
 
@@ -123,7 +125,7 @@ class ExportAudit:
                 self.skip(reason)
         self.expected_shapes = dict(expected_shapes or {})
         self.label = label
-        self._counts: Counter[str] = Counter()
+        self._counts: dict[str, int] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._groups: dict[str, dict[int, tuple[int, ...] | None]] = defaultdict(dict)
 
@@ -135,7 +137,7 @@ class ExportAudit:
         if not isinstance(name, str):
             self.skip(f"items whose name is a {type(name).__name__}, not a str")
             return
-        self._counts[name] += 1
+        self._counts[name] = self._counts.get(name, 0) + 1
         self.report.tensors += 1
         shape = _shape(tensor)
         if shape is None:

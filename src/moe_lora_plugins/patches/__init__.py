@@ -25,6 +25,7 @@ SPEC_MODULES: tuple[str, ...] = (
     "moe_lora_plugins.patches.megatron_core.onpolicy",
     "moe_lora_plugins.patches.megatron_bridge.grouped_expert_lora",
     "moe_lora_plugins.patches.megatron_bridge.conversion_tasks_cache",
+    "moe_lora_plugins.patches.megatron_bridge.qkv_local_config",
     "moe_lora_plugins.patches.megatron_bridge.batched_merge",
     "moe_lora_plugins.patches.vllm.tensor_lora",
     "moe_lora_plugins.patches.vllm.cpu_moe_lora",

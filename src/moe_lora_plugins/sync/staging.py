@@ -78,24 +78,89 @@ def pack_payload(pieces: Sequence[AdapterPiece], entries: Sequence[ManifestEntry
 def fill_host_payload(pieces: Sequence[AdapterPiece], entries: Sequence[ManifestEntry], out: Any) -> Any:
     """Fill the CPU uint8 tensor ``out`` with every piece at its entry's offset and return it.
 
-    CPU pieces are copied with plain memory copies (numpy's): torch's ``copy_`` opens a parallel region
-    per piece, which on a busy host costs milliseconds each for hundreds of pieces. Pieces on a GPU are
-    packed there first and come over in one device-to-host copy. Padding bytes are zero.
+    CPU pieces are copied with plain memory copies (numpy's, which release the GIL): torch's ``copy_``
+    opens a parallel region per piece, which on a busy host costs milliseconds each for hundreds of
+    pieces. A bucket of at least :data:`PARALLEL_FILL_BYTES` is split into runs of pieces of about
+    equal bytes, copied by :func:`fill_threads` threads at once. Pieces on a GPU are packed there
+    first and come over in one device-to-host copy. Padding bytes are zero.
     """
     gpu = next((p.tensor.device for p in pieces if p.tensor.device.type != "cpu"), None)
     if gpu is not None:
         out.copy_(pack_payload(pieces, entries, int(out.numel()), gpu))
         return out
     target = out.numpy()
+    spans: list[tuple[int, int, Any]] = []  # (start, stop, source bytes or None for zero padding)
     filled = 0
     for piece, entry in zip(pieces, entries, strict=True):
         if entry.offset > filled:
-            target[filled:entry.offset] = 0
-        target[entry.offset:entry.offset + entry.nbytes] = as_bytes(piece.tensor).numpy()
+            spans.append((filled, entry.offset, None))
+        spans.append((entry.offset, entry.offset + entry.nbytes, as_bytes(piece.tensor).numpy()))
         filled = entry.offset + entry.nbytes
     if filled < target.shape[0]:
-        target[filled:] = 0
+        spans.append((filled, target.shape[0], None))
+    threads = fill_threads()
+    if threads <= 1 or target.shape[0] < PARALLEL_FILL_BYTES or len(spans) < 2:
+        _copy_spans(target, spans)
+        return out
+    runs = _split_runs(spans, threads)
+    for future in [_pool(threads).submit(_copy_spans, target, run) for run in runs]:
+        future.result()
     return out
+
+
+PARALLEL_FILL_BYTES = 8 << 20
+"""Buckets of at least this many bytes are filled by several threads (:func:`fill_threads`)."""
+
+
+def fill_threads() -> int:
+    """Threads that fill one host bucket: ``MOELORA_SYNC_FILL_THREADS`` (1 turns threading off), else
+    the smaller of 4 and the CPUs this process may run on."""
+    import os
+
+    from moe_lora_plugins.envs import parse_fill_threads
+
+    threads = parse_fill_threads(os.environ.get("MOELORA_SYNC_FILL_THREADS"))
+    if threads is not None:
+        return threads
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(4, cpus))
+
+
+def _copy_spans(target: Any, spans: Sequence[tuple[int, int, Any]]) -> None:
+    for start, stop, source in spans:
+        if source is None:
+            target[start:stop] = 0
+        else:
+            target[start:stop] = source
+
+
+def _split_runs(spans: list[tuple[int, int, Any]], parts: int) -> list[list[tuple[int, int, Any]]]:
+    """``spans`` (in order, back to back) cut into at most ``parts`` runs of about equal bytes."""
+    total = spans[-1][1] - spans[0][0]
+    runs: list[list[tuple[int, int, Any]]] = [[]]
+    for span in spans:
+        if runs[-1] and len(runs) < parts and span[0] - spans[0][0] >= total * len(runs) / parts:
+            runs.append([])
+        runs[-1].append(span)
+    return runs
+
+
+_pools: dict[tuple[int, int], Any] = {}
+
+
+def _pool(threads: int) -> Any:
+    """This process's fill threads (made once per process and size; a forked child makes its own)."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    key = (os.getpid(), threads)
+    pool = _pools.get(key)
+    if pool is None:
+        pool = _pools[key] = ThreadPoolExecutor(threads, thread_name_prefix="moelora-sync-fill")
+    return pool
 
 
 def host_payload(payload: Any) -> Any:

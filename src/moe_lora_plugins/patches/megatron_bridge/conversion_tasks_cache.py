@@ -11,9 +11,10 @@ objects, so for the same bridge class, HF metadata, model chunks and export dtyp
 list.
 
 The wrapper keeps the last list per (bridge class, HF metadata, model chunks, dtype) and returns a
-copy while every parameter and buffer of the chunks is still the same object and the name and
-mapping functions in force are the ones it was built with (so applying or reverting another patch
-rebuilds). Under pipeline parallelism the ranks of the pipeline group agree first (one all-reduce of
+copy while every module of the chunks still holds the same parameter, buffer and submodule objects
+under the same names (a :class:`~moe_lora_plugins.topology.module_tree.ModuleTreeSnapshot`: slot dicts
+compared by identity at C speed, no ``named_modules`` walk per call) and the name and mapping functions
+in force are the ones it was built with (so applying or reverting another patch rebuilds). Under pipeline parallelism the ranks of the pipeline group agree first (one all-reduce of
 a flag): they reuse only if every rank can, otherwise every rank builds again, so upstream's gather
 inside the build is always entered by all of them. The cache drops an entry when its model chunks
 are garbage-collected. The export stream reads the parameters' current values, so new weights after
@@ -32,11 +33,11 @@ from __future__ import annotations
 
 import collections
 import inspect
-import itertools
 import weakref
 from typing import Any
 
 from moe_lora_plugins.registry import PatchSpec
+from moe_lora_plugins.topology.module_tree import ModuleTreeSnapshot
 
 SPECS = (
     PatchSpec(
@@ -59,7 +60,10 @@ SPECS = (
         remove_when="Megatron-Bridge caches conversion tasks per model (and keeps one model bridge per AutoBridge)",
         verified="megatron-bridge 0.6.2: CPU gloo world size 1, EP=2 and PP=2, repeated plain and merged exports "
         "bitwise equal to rebuilt tasks', a replaced parameter rebuilds the tasks, an optimizer step's new values "
-        "are exported; 1xH200 export benchmark (benchmarks/RESULTS-export.md).",
+        "are exported; the validity check sees every replaced, added, removed or renamed parameter, buffer or "
+        "submodule (tests/core/test_topology_module_tree.py); 1xH200 export benchmark "
+        "(benchmarks/RESULTS-export.md).",
+        requires=("megatron.bridge.models.conversion.model_bridge:_get_pp_group",),
     ),
     PatchSpec(
         id="megatron_bridge.adapter_conversion_tasks_cache",
@@ -83,16 +87,21 @@ SPECS = (
         verified="megatron-bridge 0.6.2: CPU gloo world size 1, EP=2 and PP=2: repeated merged exports bitwise "
         "equal to upstream's, a replaced adapter parameter rebuilds the tasks, an optimizer step's new adapter "
         "values are merged.",
+        requires=("megatron.bridge.models.conversion.model_bridge:_get_pp_group",),
     ),
 )
 
 
 class _Entry:
-    __slots__ = ("fingerprint", "tasks")
+    __slots__ = ("functions", "model", "tasks")
 
-    def __init__(self, fingerprint: tuple[Any, ...], tasks: list[Any]) -> None:
-        self.fingerprint = fingerprint
+    def __init__(self, functions: tuple[Any, ...], model: Any, tasks: Any) -> None:
+        self.functions = functions
+        self.model = model
         self.tasks = tasks
+
+    def still_valid(self, functions: tuple[Any, ...], chunks: list[Any]) -> bool:
+        return self.functions == functions and self.model.unchanged(chunks)
 
 
 _cache: dict[tuple[Any, ...], _Entry] = {}
@@ -110,24 +119,33 @@ def _cacheable(chunks: list[Any]) -> bool:
     return bool(chunks) and all(isinstance(chunk, torch.nn.Module) for chunk in chunks)
 
 
-def _fingerprint(instance: Any, chunks: list[Any]) -> tuple[Any, ...]:
+def _functions(instance: Any) -> tuple[Any, ...]:
+    """The name and mapping functions in force for ``instance``: the bridge class's mapping registry, the
+    module-level name globalization, and functions set on the bridge object itself (a host's or a test's
+    override of a method)."""
     import megatron.bridge.models.conversion.model_bridge as model_bridge
 
-    tensors = tuple(id(t) for chunk in chunks for t in itertools.chain(chunk.parameters(), chunk.buffers()))
     functions = (
         getattr(type(instance), "mapping_registry", None),
         getattr(model_bridge, "_megatron_local_name_to_global", None),
     )
-    # functions set on the bridge object itself (a host's or a test's override of a method) take part too
     overrides = tuple(
         sorted((name, id(value)) for name, value in vars(instance).items()
                if inspect.isfunction(value) or inspect.ismethod(value))
     ) if hasattr(instance, "__dict__") else ()
-    return tensors + functions + overrides
+    return functions + overrides
 
 
 def _forget(key: tuple[Any, ...]) -> None:
     _cache.pop(key, None)
+
+
+def _remember(key: tuple[Any, ...], chunks: list[Any], entry: _Entry) -> None:
+    """Keep ``entry`` for ``key`` (dropped when one of the chunks is garbage-collected)."""
+    if key not in _cache:
+        for chunk in chunks:
+            weakref.finalize(chunk, _forget, key)
+    _cache[key] = entry
 
 
 def _every_pipeline_rank_agrees(megatron_model: Any, reusable: bool) -> bool:
@@ -155,16 +173,13 @@ def _reuse_or_build(wrapped: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
     chunks = _chunks(megatron_model)
     if not _cacheable(chunks):
         return wrapped(*args, **kwargs), False
-    fingerprint = _fingerprint(instance, chunks)
+    functions = _functions(instance)
     entry = _cache.get(key)
-    reusable = entry is not None and entry.fingerprint == fingerprint
+    reusable = entry is not None and entry.still_valid(functions, chunks)
     if _every_pipeline_rank_agrees(megatron_model, reusable):
         return entry.tasks, True
     built = wrapped(*args, **kwargs)
-    if entry is None:
-        for chunk in chunks:
-            weakref.finalize(chunk, _forget, key)
-    _cache[key] = _Entry(fingerprint, built)
+    _remember(key, chunks, _Entry(functions, ModuleTreeSnapshot(chunks), built))
     return built, False
 
 
@@ -195,17 +210,14 @@ def build_conversion_tasks(wrapped: Any, instance: Any, args: tuple[Any, ...], k
     if not _cacheable(chunks):
         return wrapped(*args, **kwargs)
     key = (type(instance), id(hf_pretrained), tuple(id(c) for c in chunks), call.get("weight_dtype"))
-    fingerprint = _fingerprint(instance, chunks)
+    functions = _functions(instance)
     entry = _cache.get(key)
-    reusable = entry is not None and entry.fingerprint == fingerprint
+    reusable = entry is not None and entry.still_valid(functions, chunks)
     if _every_pipeline_rank_agrees(megatron_model, reusable):
         # upstream records the HF metadata on the bridge while building; so does a reuse
         instance.hf_pretrained = hf_pretrained
         instance.hf_config = hf_pretrained.config if hasattr(hf_pretrained, "config") else hf_pretrained
         return list(entry.tasks)
     tasks = wrapped(*args, **kwargs)
-    if entry is None:
-        for chunk in chunks:
-            weakref.finalize(chunk, _forget, key)
-    _cache[key] = _Entry(fingerprint, list(tasks))
+    _remember(key, chunks, _Entry(functions, ModuleTreeSnapshot(chunks), list(tasks)))
     return tasks
