@@ -1,0 +1,1 @@
+"""Patches on megatron-core (``megatron.core``)."""
