@@ -90,7 +90,7 @@ SPECS = (
         "MLP.forward, which only calls linear_fc1 / linear_fc2) with Megatron-Bridge 0.6.2 "
         "peft/lora_layers.LoRALinear + peft/utils.ParallelLinearAdapter on each local expert",
         remove_when="Megatron-Bridge batches the adapters of SequentialMLP experts itself",
-        requires=("megatron.core.transformer.mlp:MLP.forward",),
+        requires=("megatron.core.transformer.mlp:MLP",),  # its forward runs on the shadow expert
         verified="megatron-core 0.19.2 + megatron-bridge 0.6.2: CPU gloo world size 1 and EP=2, a whole "
         "model's logits and every LoRA gradient bitwise equal to upstream's per-expert path (fp32 and bf16), "
         "also after an adapter is disabled, a LoRALinear swapped out and back, a LoRA weight replaced, and "
