@@ -59,7 +59,9 @@ SPECS = (
         remove_when="Megatron-Bridge merges the experts of a layer in batched operations",
         verified="megatron-bridge 0.6.2: CPU gloo world size 1 in bf16 and fp32, merged exports bitwise equal "
         "to upstream's (tiny Qwen3-MoE, 4 and 32 experts), EP=2 / PP=2 untouched (upstream's path); "
-        "benchmarks/merge_bitwise_gpu.py for a GPU's matmul (see RESULTS-export.md).",
+        "1xH200 (torch 2.11): benchmarks/merge_bitwise_gpu.py bitwise in all 24 cases (anchor shapes, bf16 and "
+        "fp32, blocks of 64/21/10/1); the 2.75 B anchor model's merged export bitwise upstream's, 0.161 s "
+        "against upstream's 0.648 s (benchmarks/RESULTS-export.md, run 5).",
         requires=tuple(
             f"megatron.bridge.models.conversion.peft_bridge:{name}"
             for name in ("AdapterWeight", "RowParallelMapping", "ColumnParallelMapping",

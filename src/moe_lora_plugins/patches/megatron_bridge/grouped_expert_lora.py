@@ -95,8 +95,10 @@ SPECS = (
         "model's logits and every LoRA gradient bitwise equal to upstream's per-expert path (fp32 and bf16), "
         "also after an adapter is disabled, a LoRALinear swapped out and back, a LoRA weight replaced, and "
         "with hooks on the wrappers (each noticed: the layer steps aside or runs grouped as documented); "
-        "1xH200 bf16 (torch 2.11), the version before the stand-ins (per-expert hooks, 2026-12-02): one layer's LoRA output bitwise equal, a whole step's logits and gradients "
-        "as far from upstream as upstream is from itself; step 2.4x faster (benchmarks/RESULTS-step.md).",
+        "1xH200 bf16 (torch 2.11, 2026-12-02 run 5, commit e381acb): step 0.69x the attention-only LoRA "
+        "step (upstream 3.25x); under torch's deterministic algorithms logits and attention-LoRA grads bitwise "
+        "upstream's, expert-LoRA grads within 3.9e-4 relative (grouped weight-gradient summation order); one "
+        "layer's fc1 LoRA output bitwise (benchmarks/RESULTS-step.md).",
     ),
 )
 

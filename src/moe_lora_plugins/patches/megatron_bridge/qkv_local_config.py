@@ -35,7 +35,8 @@ SPECS = (
         "broadcast_obj_from_pp_rank)",
         remove_when="Megatron-Bridge skips the config copy when the pipeline group has one rank",
         verified="megatron-bridge 0.6.2: CPU world size 1 plain and merged exports bitwise equal to upstream's "
-        "(names, order, dtypes, bytes); PP=2 goes to upstream (tests/megatron/test_export_fast_paths.py).",
+        "(names, order, dtypes, bytes); PP=2 goes to upstream (tests/megatron/test_export_fast_paths.py); "
+        "1xH200: the anchor model's plain export bitwise upstream's at 0.035 s (benchmarks/RESULTS-export.md, run 5).",
         requires=(
             "megatron.bridge.models.conversion.param_mapping:split_qkv_weights",
             "megatron.bridge.models.conversion.param_mapping:split_qkv_biases",
