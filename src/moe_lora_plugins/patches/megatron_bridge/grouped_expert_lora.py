@@ -26,10 +26,14 @@ the base layer and its hooks run as upstream runs them) plus that expert's rows 
 LoRA output (added as ``LoRALinear`` adds its adapter's), or keeping fc2's input. Megatron-Core
 0.19.2's ``MLP.forward`` only calls ``self.linear_fc1`` / ``self.linear_fc2`` (through
 ``apply_module``, which checks they are modules), so nothing else sees the swap; the entries are
-restored in ``finally``. Each row gets the sums upstream computes for it, in the same order (base +
-LoRA), so on the CPU the result is bitwise upstream's; on one H200 one layer's LoRA output was
-bitwise equal too, and a whole step's logits and gradients differed from upstream's as much as two
-upstream steps differ from each other (``benchmarks/RESULTS-step.md``).
+restored in ``finally``.
+
+Both ways give each row the sums upstream computes for it, in the same order (base + LoRA), so on the
+CPU the result is bitwise upstream's. On one H200, with torch's deterministic algorithms (under which
+upstream's step equals itself), the step's logits and attention-LoRA gradients were bitwise
+upstream's and the expert-LoRA gradients within 3.9e-4 relative: ``torch._grouped_mm``'s weight
+gradient sums an expert's tokens in another order than a per-expert ``mm``
+(``benchmarks/RESULTS-step.md``).
 
 Hooks: a ``LoRALinear`` wrapper's forward pre-hooks, and at fc1 its forward hooks, run in the
 stand-in with the wrapper as the module and the wrapper's input and output (base + LoRA), as when the

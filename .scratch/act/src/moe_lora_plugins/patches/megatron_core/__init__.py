@@ -1,1 +1,0 @@
-"""Patches on megatron-core (``megatron.core``)."""

@@ -1,1 +1,0 @@
-"""Host seams: thin functions that hosts call (entry points, dotted paths, Ray runtime_env)."""
