@@ -89,3 +89,24 @@ def test_debug_switch_traces_hook_calls(tmp_path):
     assert result is True
     assert "moelora_activate [hook]" in proc.stderr
     assert "role: trainer" in proc.stderr
+
+
+def test_a_hooked_stream_closes_like_upstreams_generator_so_an_abandoned_export_runs_its_cleanup():
+    from moe_lora_plugins.hooks.streams import HookedStream
+
+    cleaned: list[str] = []
+
+    def export():
+        try:
+            yield ("a", 1)
+            yield ("b", 2)
+        finally:
+            cleaned.append("export cleanup")
+
+    stream = HookedStream(export(), ExportContext(kind="full"))
+    assert next(stream) == ("a", 1)
+    stream.close()
+    assert cleaned == ["export cleanup"]
+    with pytest.raises(StopIteration):
+        next(stream)
+    HookedStream(iter([("a", 1)]), ExportContext(kind="full")).close()  # a plain iterator: nothing to close

@@ -139,6 +139,27 @@ def batched_merge_worker(hf_config: Any, lora: LoraSettings, dtype_name: str) ->
         out["midway_equal"] = same(patched_midway, upstream_midway)
         out["midway_changed"] = not same(upstream_midway, upstream)
 
+        # a stream abandoned midway leaves its blocks live; the adapter then changes through ``.data`` (no
+        # version bump, as an optimizer's copy into the model's parameters may do): the next merged export
+        # must merge the new values, not the abandoned stream's deltas
+        stream = built.bridge.export_hf_weights(built.model, cpu=True, show_progress=False, merge_adapter_weights=True)
+        for item in stream:
+            if item[0].endswith("layers.0.mlp.experts.0.down_proj.weight"):
+                break
+        stream.close()
+        out["abandoned_live_blocks"] = sum(len(s.blocks) for s in batched_merge._states.values())
+        version = target._version
+        with torch.no_grad():
+            target.data.mul_(5)
+        out["data_change_bumped_version"] = target._version != version
+        moe_lora_plugins.deactivate()
+        upstream_after = run_export(built, "merged")
+        moe_lora_plugins.activate(role="trainer")
+        out["after_abandoned_equal"] = same(run_export(built, "merged"), upstream_after)
+        out["after_abandoned_changed"] = not same(upstream_after, upstream)
+        with torch.no_grad():
+            target.data.copy_(original)
+
         # the patch reverted: upstream's per-tensor merge, no batched deltas
         registry.revert(BATCHED_ID)
         reset_counts()
@@ -204,6 +225,10 @@ def test_batched_merge_is_bitwise_upstreams_and_falls_back_where_it_must(dtype, 
     # a batched delta one ulp off: detected, warned, merged per tensor like upstream
     assert r["fallback_warned"] and r["fallback_single_merges"] >= r["upstream_single_merges"], r
     assert r["midway_changed"], r
+    # an export abandoned midway leaves its blocks live; an adapter changed through ``.data`` afterwards
+    # (no version bump) is merged from its new values by the next export
+    assert r["abandoned_live_blocks"] > 0 and not r["data_change_bumped_version"], r
+    assert r["after_abandoned_changed"] and r["after_abandoned_equal"], r
     # reverted: upstream's merge only
     assert r["reverted_batched_calls"] == 0 and r["reverted_single_merges"] == r["upstream_single_merges"], r
     assert r["materialized_tasks"] == 2 * layers * experts and r["materialized_agree"], r

@@ -37,6 +37,13 @@ class HookedStream(Iterator[Any]):
     def __next__(self) -> Any:
         return next(self._items)
 
+    def close(self) -> None:
+        """Close the stream underneath, as upstream's export generator closes: a consumer that stops
+        midway releases what the export holds (its ``finally`` blocks run)."""
+        close = getattr(self._items, "close", None)
+        if close is not None:
+            close()
+
 
 def _first_chunk(model: Any) -> Any:
     if isinstance(model, (list, tuple)):

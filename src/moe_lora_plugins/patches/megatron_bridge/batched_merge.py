@@ -146,11 +146,14 @@ class _Block:
     """The float32 deltas of experts ``start .. start + count - 1`` of one layer's projection."""
 
     __slots__ = ("alpha", "count", "deltas", "dim", "merged", "signature", "start", "versions")
+    # merged: the offsets (expert - start) merged from this block; an offset asked for again means a new
+    # export (a stream abandoned midway leaves its blocks behind), whose block is computed afresh
 
     def __init__(self, start: int, count: int, alpha: Any, dim: Any, deltas: dict[str, Any],
                  versions: list[tuple[int, int]], signature: tuple[Any, ...]) -> None:
         self.start, self.count, self.alpha, self.dim = start, count, alpha, dim
-        self.deltas, self.versions, self.merged, self.signature = deltas, versions, 0, signature
+        self.deltas, self.versions, self.signature = deltas, versions, signature
+        self.merged: set[int] = set()
 
 
 class _ModelState:
@@ -249,8 +252,8 @@ def merge_tagged(instance: Any, models: Any, converted: dict[str, Any], adapter:
     if not _check_first_merge(instance, block, adapter, converted, merged, kinds, offset, a_param, b_param):
         return None
     converted.update(merged)
-    block.merged += 1
-    if block.merged >= block.count:  # every expert of the block merged: free it
+    block.merged.add(offset)
+    if len(block.merged) >= block.count:  # every expert of the block merged: free it
         for key, live in list(state.blocks.items()):
             if live is block:
                 del state.blocks[key]
@@ -278,7 +281,14 @@ def _block(instance: Any, state: _ModelState, adapter: Any, lora_a: dict[int, An
     key = (id(lora_a), fused, start, base.device, base.dtype)
     block = state.blocks.get(key)
     if block is not None:
-        return None if _verified.get(block.signature) is False else block
+        if _verified.get(block.signature) is False:
+            return None
+        if expert - block.start not in block.merged:
+            return block
+        # this expert was merged from the block already: a new export after one abandoned midway. Its
+        # adapters may have changed without a version bump (an in-place copy through ``.data``), so the
+        # block is computed afresh rather than trusted
+        del state.blocks[key]
     a_list = [lora_a[e] for e in range(start, start + count)]
     b_split = [_split_out(instance, lora_b[e], fused) for e in range(start, start + count)]
     if any(b.shape != (out_features, a_list[0].shape[0]) for split in b_split for b in split.values()):
