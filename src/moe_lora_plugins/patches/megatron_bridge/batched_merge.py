@@ -19,7 +19,10 @@ device is also recomputed with upstream's per-expert formula and the first merge
 upstream's ``_merge_single_adapter_weight``: where either differs by a bit, that shape goes to
 upstream's per-tensor merge for the rest of the process (logged once). An expert whose alpha, dim
 or factor values changed since its block was computed (tensor ``_version``) or whose base does not
-fit is merged by upstream. Everything else (other layouts, dense and grouped adapters, canonical
+fit is merged by upstream. A block serves one export only: an expert asked for again means a new
+export (one abandoned midway leaves its blocks behind), and its block is computed afresh. Not noticed:
+an adapter changed through ``.data`` (no version bump) while one export is streaming, between its
+block's first expert and its own. Everything else (other layouts, dense and grouped adapters, canonical
 LoRA) is upstream's unchanged; reverting this patch gives upstream's per-tensor merge.
 
 Memory: at most two blocks live (the current gate/up block and down block), each at most
