@@ -22,19 +22,14 @@ TOKENS = (3, 17, 42, 99, 5, 64, 8, 120, 1, 77, 31, 2, 9, 14, 66, 101)
 LORA = LoraSettings(dim=8, alpha=16)
 
 
-def forward_backward_three_ways(
-    hf_config: Any, layout: ParallelLayout, dtype_name: str, expert_hooks: bool = False
-) -> dict[str, Any]:
-    import os
-
+def _model_and_batch(hf_config: Any, layout: ParallelLayout, dtype: Any) -> tuple[Any, Any, Any, Any]:
+    """The tiny model every case here steps (LoRA on attention and every expert, filled from global
+    names, in train mode), its token batch, causal mask and loss weights."""
     import torch
 
-    import moe_lora_plugins
-    import moe_lora_plugins.lora.grouped as grouped
     from moe_lora_plugins.demo import cpu_training
     from moe_lora_plugins.testing.tiny_models import build_lora_model, fill_from_global_names
 
-    dtype = getattr(torch, dtype_name)
     built = build_lora_model(hf_config, layout, LORA, dtype=dtype)
     cpu_training.install()
     fill_from_global_names(built)
@@ -44,24 +39,38 @@ def forward_backward_three_ways(
     seq = tokens.shape[1]
     causal = torch.triu(torch.ones(seq, seq, dtype=torch.bool), diagonal=1)[None, None]
     weights = torch.randn(1, seq, hf_config.vocab_size, generator=torch.Generator().manual_seed(7))
-    calls = {"n": 0}
-    upstream_delta = grouped.grouped_lora_delta
+    return model, tokens, causal, weights
+
+
+def _count_calls(owner: Any, name: str) -> tuple[dict[str, int], Any]:
+    """Replace ``owner.<name>`` (a module-level function the patch calls through its module) with one
+    that counts its calls in ``counter["n"]``; returns the counter and the original function."""
+    original = getattr(owner, name)
+    counter = {"n": 0}
 
     def counted(*args: Any, **kwargs: Any) -> Any:
-        calls["n"] += 1
-        return upstream_delta(*args, **kwargs)
+        counter["n"] += 1
+        return original(*args, **kwargs)
 
-    grouped.grouped_lora_delta = counted
+    setattr(owner, name, counted)
+    return counter, original
+
+
+def forward_backward_three_ways(
+    hf_config: Any, layout: ParallelLayout, dtype_name: str, expert_hooks: bool = False
+) -> dict[str, Any]:
+    import os
+
+    import torch
+
+    import moe_lora_plugins
+    import moe_lora_plugins.lora.grouped as grouped
     import moe_lora_plugins.patches.megatron_bridge.grouped_expert_lora as patch
 
-    one_activation = {"n": 0}
-    layer_forward = patch._one_activation_forward
-
-    def counted_layer(*args: Any, **kwargs: Any) -> Any:
-        one_activation["n"] += 1
-        return layer_forward(*args, **kwargs)
-
-    patch._one_activation_forward = counted_layer
+    model, tokens, causal, weights = _model_and_batch(hf_config, layout, getattr(torch, dtype_name))
+    seq = tokens.shape[1]
+    calls, _ = _count_calls(grouped, "grouped_lora_delta")
+    one_activation, _ = _count_calls(patch, "_one_activation_forward")
     if expert_hooks:  # a hook on an expert module: the experts' activation must run per expert
         seen = []
         for module in model.modules():
@@ -166,26 +175,10 @@ def grouped_follows_changes_between_calls(hf_config: Any, layout: ParallelLayout
 
     import moe_lora_plugins
     import moe_lora_plugins.lora.grouped as grouped
-    from moe_lora_plugins.demo import cpu_training
-    from moe_lora_plugins.testing.tiny_models import build_lora_model, fill_from_global_names
 
-    built = build_lora_model(hf_config, layout, LORA, dtype=torch.float32)
-    cpu_training.install()
-    fill_from_global_names(built)
-    model = built.model[0]
-    model.train()
-    tokens = torch.tensor([TOKENS])
+    model, tokens, causal, weights = _model_and_batch(hf_config, layout, torch.float32)
     seq = tokens.shape[1]
-    causal = torch.triu(torch.ones(seq, seq, dtype=torch.bool), diagonal=1)[None, None]
-    weights = torch.randn(1, seq, hf_config.vocab_size, generator=torch.Generator().manual_seed(7))
-    calls = {"n": 0}
-    plain_delta = grouped.grouped_lora_delta
-
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        calls["n"] += 1
-        return plain_delta(*args, **kwargs)
-
-    grouped.grouped_lora_delta = counted
+    calls, plain_delta = _count_calls(grouped, "grouped_lora_delta")
     layers = [m for m in model.modules() if type(m).__name__ == "SequentialMLP"]
     first = layers[0].local_experts[1]
     seen: dict[str, list[Any]] = {"fc1_hook": [], "pre_hook": []}
