@@ -13,7 +13,8 @@ alternate round by round. Three calls:
 - ``host_merged``: ``cpu=False, show_progress=False, merge_adapter_weights=True``.
 
 Before timing, plain and merged exports of upstream and patched are fingerprinted tensor by tensor
-(position-weighted byte sums) and compared. One patched ``host_plain`` export is profiled (cProfile,
+(position-weighted byte sums) and compared. On a GPU each call's peak of allocated memory above its
+start is recorded (``peak_extra_bytes_max``). One patched ``host_plain`` and one ``host_merged`` export are profiled (cProfile,
 top functions by own time).
 
     python benchmarks/export_host_bench.py --out export_host.json [--rounds 7]
@@ -50,18 +51,28 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _timed(built: Any, call: str) -> tuple[float, int, int]:
+def _timed(built: Any, call: str) -> tuple[float, int, int, int]:
+    """Seconds, bytes and tensors of one call, and by how much the GPU's allocated memory peaked above its
+    level at the start (0 on the CPU); the caller drops each tensor, as a streaming sync does."""
+    import torch
+
+    cuda = torch.cuda.is_available()
     _sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
     start = time.perf_counter()
     nbytes = count = 0
     for item in built.bridge.export_hf_weights(built.model, **CALLS[call]):
         nbytes += item[1].numel() * item[1].element_size()
         count += 1
     _sync()
-    return time.perf_counter() - start, nbytes, count
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() - base if cuda else 0
+    return seconds, nbytes, count, peak
 
 
-def _profile(built: Any) -> str:
+def _profile(built: Any, call: str = "host_plain") -> str:
     import cProfile
     import io
     import pstats
@@ -69,7 +80,7 @@ def _profile(built: Any) -> str:
     profiler = cProfile.Profile()
     _sync()
     profiler.enable()
-    for item in built.bridge.export_hf_weights(built.model, **CALLS["host_plain"]):
+    for item in built.bridge.export_hf_weights(built.model, **CALLS[call]):
         item[1].numel()
     _sync()
     profiler.disable()
@@ -109,7 +120,7 @@ def run(rounds: int = 7, tiny: bool = False, anchor_counts: bool = False) -> dic
             prints[f"{phase}/{export}"] = _fingerprints(built, export)
     result["bitwise_equal"] = {e: prints[f"upstream/{e}"] == prints[f"patched/{e}"] for e in ("plain", "merged")}
     result["tensors"] = {k: len(v) for k, v in prints.items()}
-    samples: dict[str, list[tuple[float, int, int]]] = {f"{p}/{c}": [] for p in ("upstream", "patched") for c in CALLS}
+    samples: dict[str, list[tuple[float, int, int, int]]] = {f"{p}/{c}": [] for p in ("upstream", "patched") for c in CALLS}
     for _ in range(rounds + 1):  # the first round warms up and is dropped
         for call in CALLS:
             for phase in ("upstream", "patched"):
@@ -126,6 +137,7 @@ def run(rounds: int = 7, tiny: bool = False, anchor_counts: bool = False) -> dic
             "gb": nbytes / 1e9,
             "gb_per_s_median": nbytes / 1e9 / statistics.median(times),
             "tensors": values[-1][2],
+            "peak_extra_bytes_max": max(v[3] for v in values),
         }
     result["timings"] = timings
     med = {k: v["seconds_median"] for k, v in timings.items()}
@@ -135,7 +147,13 @@ def run(rounds: int = 7, tiny: bool = False, anchor_counts: bool = False) -> dic
         "upstream_merged_over_upstream_plain": med["upstream/host_merged"] / med["upstream/host_plain"],
     }
     moe_lora_plugins.activate(role="trainer")
+    from moe_lora_plugins.patches.megatron_bridge import merged_stream
+
+    # the tasks the per-layer merged stream merges itself (0: none qualified or passed the bitwise check)
+    result["merged_stream_planned_tasks"] = sum(len(plan.entries) for plan in merged_stream._plans.values())
+    result["merged_stream_checked_shapes"] = {str(k): v for k, v in merged_stream._verified.items()}
     result["profile_patched_host_plain"] = _profile(built)
+    result["profile_patched_host_merged"] = _profile(built, "host_merged")
     return result
 
 

@@ -1,7 +1,11 @@
 """The batched expert merge of a merged export (``megatron_bridge.batched_expert_merge``): bitwise
 Megatron-Bridge's own per-tensor merge at world size 1 (fp32 and bf16, one block per layer and several),
 used where it applies, falling back to upstream's merge where the batched deltas are not upstream's,
-where an adapter changed under the stream, and when the patch is reverted; at most two blocks alive."""
+where an adapter changed under the stream, and when the patch is reverted; at most two blocks alive.
+
+This is the path a merged export takes where the per-layer merged stream (``merged_stream``,
+``tests/megatron/test_merged_stream.py``) does not apply (an export dtype, a group whose block is not
+upstream's, the adapter-task cache disabled): the workers here disable the adapter-task cache to take it."""
 
 from __future__ import annotations
 
@@ -15,10 +19,15 @@ from moe_lora_plugins.testing.tiny_models import LoraSettings, ParallelLayout, t
 pytestmark = pytest.mark.megatron
 
 BATCHED_ID = "megatron_bridge.batched_expert_merge"
+# without the adapter-task cache the per-layer merged stream stands aside: the tagged per-expert path runs
+NO_MERGED_STREAM = "megatron_bridge.adapter_conversion_tasks_cache"
 
 
 def batched_merge_worker(hf_config: Any, lora: LoraSettings, dtype_name: str) -> dict[str, Any]:
     import logging
+    import os
+
+    os.environ["MOELORA_DISABLED_PATCHES"] = NO_MERGED_STREAM
 
     import torch
 
@@ -237,12 +246,16 @@ def test_batched_merge_is_bitwise_upstreams_and_falls_back_where_it_must(dtype, 
 def merged_export_peaks_worker(hf_config: Any, lora: LoraSettings, budget: int) -> dict[str, Any]:
     """Peak resident growth of one merged export, upstream's per-tensor merge vs the batched one (blocks of
     ``budget`` bytes)."""
+    import os
+
     import torch
 
     import moe_lora_plugins
     from moe_lora_plugins.activation import get_registry
     from moe_lora_plugins.patches.megatron_bridge import batched_merge
     from moe_lora_plugins.testing.merge_memory import malloc_returns_memory_at_once, peak_during
+
+    os.environ["MOELORA_DISABLED_PATCHES"] = NO_MERGED_STREAM
     from moe_lora_plugins.testing.tiny_models import build_lora_model, fill_from_global_names
 
     malloc_returns_memory_at_once()

@@ -27,12 +27,20 @@ group, two mapping and task objects per adapter); they too only reference the ad
 parameters, so the second spec keeps them the same way (keyed also by the excluded prefixes). The
 adapters' ``alpha`` and ``dim`` are read into the tasks when they are built; Megatron-Bridge fixes
 them when it wraps a module, and a model whose adapters are replaced has new parameters, so rebuilds.
+
+Inside the per-layer merged stream (``merged_stream``), whose export checks the conversion tasks and then,
+with no other code in between, has upstream build its adapter tasks, the adapter entry is not checked
+again when it was last checked (or built) together with that very conversion-task entry: the module tree
+equals that entry's snapshot now and did then, so it equals the adapter entry's. Any other adapter entry
+is checked as always, and then paired with the conversion-task entry of the call. The adapters that
+stream merges itself are left out of the returned dict.
 """
 
 from __future__ import annotations
 
 import collections
 import inspect
+import threading
 import weakref
 from typing import Any
 
@@ -93,18 +101,30 @@ SPECS = (
 
 
 class _Entry:
-    __slots__ = ("functions", "model", "tasks")
+    __slots__ = ("functions", "model", "paired", "tasks")
+    # paired (adapter entries): the conversion-task entry that was valid for the same model tree when this
+    # one was last built or checked, within one merged export (see ``last_checked_entry``)
 
     def __init__(self, functions: tuple[Any, ...], model: Any, tasks: Any) -> None:
         self.functions = functions
         self.model = model
         self.tasks = tasks
+        self.paired: Any = None
 
     def still_valid(self, functions: tuple[Any, ...], chunks: list[Any]) -> bool:
         return self.functions == functions and self.model.unchanged(chunks)
 
 
 _cache: dict[tuple[Any, ...], _Entry] = {}
+_checked = threading.local()  # .entry: the conversion-task entry this thread's last build call returned
+
+
+def last_checked_entry() -> Any:
+    """The conversion-task cache entry that this thread's last ``build_conversion_tasks`` call built or found
+    valid (``None`` if it went to upstream uncached): a merged export that calls it and, with no other code in
+    between, builds its adapter tasks may let the adapter cache trust an adapter entry checked together with
+    this entry before (:func:`build_adapter_conversion_tasks`), instead of walking the module tree again."""
+    return getattr(_checked, "entry", None)
 
 
 def _chunks(megatron_model: Any) -> list[Any]:
@@ -167,19 +187,29 @@ def _every_pipeline_rank_agrees(megatron_model: Any, reusable: bool) -> bool:
 
 
 def _reuse_or_build(wrapped: Any, args: tuple[Any, ...], kwargs: dict[str, Any], instance: Any,
-                    megatron_model: Any, key: tuple[Any, ...]) -> tuple[Any, bool]:
+                    megatron_model: Any, key: tuple[Any, ...], checked_with: Any = None) -> tuple[Any, bool]:
     """The cached value for ``key`` (and True) while the model's tensors are the same objects on every pipeline
-    rank, else upstream's freshly built one (and False), which is remembered."""
+    rank, else upstream's freshly built one (and False), which is remembered.
+
+    ``checked_with``: a conversion-task entry found valid for this model tree moments ago, in this call (a
+    merged export). An entry last checked together with that same entry is valid without walking the tree
+    again (the tree equals that entry's snapshot now and did then, so it equals this entry's); an entry
+    checked or built now is paired with it."""
     chunks = _chunks(megatron_model)
     if not _cacheable(chunks):
         return wrapped(*args, **kwargs), False
     functions = _functions(instance)
     entry = _cache.get(key)
-    reusable = entry is not None and entry.still_valid(functions, chunks)
+    reusable = entry is not None and entry.functions == functions and (
+        (checked_with is not None and entry.paired is checked_with) or entry.model.unchanged(chunks)
+    )
     if _every_pipeline_rank_agrees(megatron_model, reusable):
+        entry.paired = checked_with
         return entry.tasks, True
     built = wrapped(*args, **kwargs)
-    _remember(key, chunks, _Entry(functions, ModuleTreeSnapshot(chunks), built))
+    entry = _Entry(functions, ModuleTreeSnapshot(chunks), built)
+    entry.paired = checked_with
+    _remember(key, chunks, entry)
     return built, False
 
 
@@ -190,13 +220,18 @@ def build_adapter_conversion_tasks(wrapped: Any, instance: Any, args: tuple[Any,
 
     call = bind_call(wrapped, args, kwargs)
     megatron_model = call["megatron_model"]
+    from moe_lora_plugins.patches.megatron_bridge.merged_stream import claim_exclusion
+
+    exclusion = claim_exclusion()  # inside a per-layer merged stream: the adapters it merges itself
     excluded = tuple(call.get("exclude_adapter_base_prefixes") or ())
     key = ("adapter", type(instance), tuple(id(c) for c in _chunks(megatron_model)), excluded)
-    tasks, _ = _reuse_or_build(wrapped, args, kwargs, instance, megatron_model, key)
+    tasks, _ = _reuse_or_build(wrapped, args, kwargs, instance, megatron_model, key,
+                               checked_with=exclusion.conversion_entry if exclusion is not None else None)
     if not isinstance(tasks, dict):
         return tasks  # not what 0.6 returns: handed on as it is
+    merged_elsewhere = exclusion.prefixes if exclusion is not None else frozenset()
     out: collections.defaultdict[str, list[Any]] = collections.defaultdict(list)
-    out.update((base, list(items)) for base, items in tasks.items())
+    out.update((base, list(items)) for base, items in tasks.items() if base not in merged_elsewhere)
     return out
 
 
@@ -207,6 +242,7 @@ def build_conversion_tasks(wrapped: Any, instance: Any, args: tuple[Any, ...], k
     call = bind_call(wrapped, args, kwargs)
     hf_pretrained, megatron_model = call["hf_pretrained"], call["megatron_model"]
     chunks = _chunks(megatron_model)
+    _checked.entry = None
     if not _cacheable(chunks):
         return wrapped(*args, **kwargs)
     key = (type(instance), id(hf_pretrained), tuple(id(c) for c in chunks), call.get("weight_dtype"))
@@ -217,7 +253,10 @@ def build_conversion_tasks(wrapped: Any, instance: Any, args: tuple[Any, ...], k
         # upstream records the HF metadata on the bridge while building; so does a reuse
         instance.hf_pretrained = hf_pretrained
         instance.hf_config = hf_pretrained.config if hasattr(hf_pretrained, "config") else hf_pretrained
+        _checked.entry = entry
         return list(entry.tasks)
     tasks = wrapped(*args, **kwargs)
-    _remember(key, chunks, _Entry(functions, ModuleTreeSnapshot(chunks), list(tasks)))
+    entry = _Entry(functions, ModuleTreeSnapshot(chunks), list(tasks))
+    _remember(key, chunks, entry)
+    _checked.entry = entry
     return tasks

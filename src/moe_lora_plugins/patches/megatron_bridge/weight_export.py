@@ -61,8 +61,33 @@ def stream_weights(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: d
     def merged() -> Iterator[Any]:
         prefetch_expert_adapters(models)
         try:
-            yield from wrapped(*args, **kwargs)
+            planned = _merged_stream_plan(instance, call)
+            if planned is None:
+                yield from wrapped(*args, **kwargs)
+            else:
+                from moe_lora_plugins.patches.megatron_bridge.merged_stream import stream
+
+                yield from stream(wrapped, call, planned)
         finally:
             drop_prefetched(models)
 
     return hooked(maybe_audited(merged(), "merged", models), "merged", models, instance)
+
+
+_MERGED_STREAM_NEEDS = ("megatron_bridge.batched_expert_merge", "megatron_bridge.adapter_conversion_tasks_cache")
+
+
+def _merged_stream_plan(instance: Any, call: dict[str, Any]) -> Any:
+    """The per-layer merged stream's tasks (``merged_stream``) where the batched expert merge and the
+    adapter-task cache are applied and the call builds no dtype-cast tasks, else ``None``."""
+    from moe_lora_plugins.activation import get_registry
+    from moe_lora_plugins.registry import PatchStatus
+
+    registry = get_registry()
+    if call.get("weight_dtype") is not None or any(
+        registry.status(patch_id) != PatchStatus.APPLIED for patch_id in _MERGED_STREAM_NEEDS
+    ):
+        return None
+    from moe_lora_plugins.patches.megatron_bridge.merged_stream import plan_tasks
+
+    return plan_tasks(instance, call["megatron_model"], call["hf_pretrained"], call.get("conversion_tasks"))

@@ -1,0 +1,441 @@
+"""A merged export's LoRA-wrapped weights merged a block at a time, before upstream's task loop sees them.
+
+Part of the ``megatron_bridge.batched_expert_merge`` patch (used only while it and
+``megatron_bridge.adapter_conversion_tasks_cache`` are applied); started by the export wrapper
+(``weight_export``) for ``export_hf_weights(merge_adapter_weights=True)`` without ``weight_dtype``.
+
+Upstream's merged stream runs, for every LoRA-wrapped tensor, the plain export's per-task work plus an
+adapter materialization and a merge call of its own: on one H200 about 80 us per expert tensor on top of
+the plain export's 20, even with the merge arithmetic batched (``batched_merge``, run 5). Here those
+tasks reach upstream's loop as plain tasks whose parameter is already merged:
+
+- a *plan*, made once per model and remade when the conversion tasks are rebuilt, puts the wrapped
+  tasks in groups: one per virtual stage and projection of every layer and expert (all experts' fc1 of
+  all layers, all fc2, all qkv, all proj). A member qualifies where its adapter is one non-canonical
+  adapter whose mappings return the parameters themselves (one pipeline stage, one (expert-)tensor-
+  parallel shard, EP size 1) and all members are plain 2-D tensors of one shape, dtype and device;
+- while the stream runs, at a group's first member the group's A and B are stacked in float32 (upstream
+  casts each to float32 before its product: exact), and at the first member of each block the block's parameters are stacked (one copy) and, per row
+  range, ``scale * (B @ A)`` in float32 (one ``baddbmm`` with beta 0 and alpha = alpha / dim: the
+  product rounded once, then scaled once, upstream's ``scale * (B @ A)``) is added and rounded once to the
+  parameters' dtype (one add: upstream's ``(base.float() + delta).to(dtype)``, element for element).
+  The row range is all of B's rows where that is bitwise upstream's merge; else the ranges upstream
+  merges one by one (gate and up of a fused fc1, split as upstream's ``_split_fused_fc1_linear_out_weight``
+  splits B);
+- each wrapped task is handed to upstream as a copy whose ``param_weight`` is its slice of the stacked
+  block, so upstream's own mapping turns it into the HF tensors (views of the block) and upstream's
+  loop does the plain export's work for it. A member whose parameter, A or B changed in place since
+  its group's factors were read (its version counter moved) is merged alone by upstream's
+  ``_merge_single_adapter_weight``, from its values of then, as upstream would;
+- those adapters are left out of the merge tasks upstream builds for this stream (through the
+  adapter-task cache); if upstream did not ask for them before its first item, the stream raises
+  before yielding anything, since it could merge them a second time.
+
+**Bitwise, checked in the process:** the first block of every shape (device, dtypes, members per block,
+parameter and factor shapes, row ranges, mapping class) is compared, member by member, with upstream's
+own ``_merge_lora_adapter_weights`` applied to upstream's own mapping output. Where all rows in one
+product differ, the split ranges are tried; a group whose block still differs by a bit is left to
+upstream's path (and the batched per-expert merge below it), with a warning.
+
+Not noticed (as in ``batched_merge``): a value changed through ``.data`` (no version bump) while one
+export is streaming. Memory (an accelerator, the 8-layer anchor model): each group holds one block of
+stacked merged parameters while its members stream (they are what the stream yields, so they live as
+long as the caller holds one of its tensors); a block is sized so that one row range's float32 deltas
+stay under ``BLOCK_BUDGET_BYTES``; a group's stacked factors live from its first member to its last.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import operator
+import re
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+_WRAPPED = ".to_wrap.weight"
+# float32 deltas of one row range of one block, at most (balanced blocks of at least one member)
+BLOCK_BUDGET_BYTES = 256 << 20  # on an accelerator: 20 experts' fc1 (gate and up) at the anchor shapes
+CPU_BLOCK_BUDGET_BYTES = 4 << 20  # on the CPU large fresh buffers cost page faults and the matmul dominates
+_INDEX = re.compile(r"\.\d+\.")
+
+
+class _Exclusion:
+    __slots__ = ("conversion_entry", "prefixes", "used")
+
+    def __init__(self, prefixes: frozenset[str], conversion_entry: Any) -> None:
+        self.prefixes, self.conversion_entry, self.used = prefixes, conversion_entry, False
+
+
+_EXCLUDED: contextvars.ContextVar[_Exclusion | None] = contextvars.ContextVar("moelora_merged_stream", default=None)
+
+
+def claim_exclusion() -> _Exclusion | None:
+    """Inside a per-layer merged stream's start: the adapter base prefixes it merges itself and the
+    conversion-task cache entry checked for this call (marked as honoured); ``None`` elsewhere."""
+    exclusion = _EXCLUDED.get()
+    if exclusion is not None:
+        exclusion.used = True
+    return exclusion
+
+
+class _Group:
+    """The members of one (virtual stage, projection of every layer / expert), in stream order."""
+
+    __slots__ = ("alpha", "blocks", "dim", "key", "last", "lora_a", "lora_b", "params", "rows", "scale", "split_rows")
+
+    def __init__(self, key: tuple[Any, ...], params: list[Any], lora_a: list[Any], lora_b: list[Any],
+                 alpha: Any, dim: Any, split_rows: list[tuple[int, int]]) -> None:
+        self.key, self.params, self.lora_a, self.lora_b = key, params, lora_a, lora_b
+        self.last = len(params) - 1
+        self.alpha, self.dim = alpha, dim
+        self.scale = alpha / dim  # LoRAMerge.merge's alpha / dim
+        self.split_rows = split_rows  # the row ranges upstream merges one by one (gate, up; or all rows)
+        self.rows: list[tuple[int, int]] = []
+        self.blocks: list[tuple[int, int]] = []
+
+    def use_rows(self, rows: list[tuple[int, int]], budget: int) -> None:
+        """Compute the deltas over ``rows`` (one product per range), in balanced blocks of at most ``budget``
+        bytes of float32 deltas per range."""
+        self.rows = rows
+        width = max(last - first for first, last in rows) * self.params[0].shape[1] * 4
+        count = len(self.params)
+        blocks = -(-count // max(1, budget // width))
+        sizes = [count // blocks + (1 if i < count % blocks else 0) for i in range(blocks)]
+        self.blocks, start = [], 0
+        for size in sizes:
+            self.blocks.append((start, start + size))
+            start += size
+
+    def block_of(self, member: int) -> tuple[int, int]:
+        for start, stop in self.blocks:
+            if start <= member < stop:
+                return start, stop
+        raise IndexError(member)
+
+    def factors(self) -> tuple[Any, Any]:
+        """Every member's A and B stacked in float32 on the parameters' device (their values of now)."""
+        import torch
+
+        device = self.params[0].device
+        with torch.no_grad():
+            return (torch.stack(self.lora_a).to(device=device, dtype=torch.float32),
+                    torch.stack(self.lora_b).to(device=device, dtype=torch.float32))
+
+    def merged_block(self, start: int, stop: int, factors: tuple[Any, Any]) -> Any:
+        """Members ``start .. stop - 1``'s merged parameters, stacked ``(stop - start, out, in)``: per row range
+        one ``baddbmm`` of the float32 factors scaled by alpha / dim in its epilogue (with beta 0: upstream's
+        ``scale * (B @ A)``, checked bitwise per shape) and one add rounded to the parameters' dtype."""
+        import torch
+
+        a32, b32 = factors
+        with torch.no_grad():
+            stacked = torch.stack(self.params[start:stop])
+            a_block = a32[start:stop]
+            for first, last in self.rows:
+                b_block = b32[start:stop] if (first, last) == (0, b32.shape[1]) else \
+                    b32[start:stop, first:last].contiguous()
+                deltas = torch.empty((stop - start, last - first, a32.shape[2]), dtype=torch.float32,
+                                     device=stacked.device)
+                torch.baddbmm(deltas, b_block, a_block, beta=0, alpha=self.scale, out=deltas)
+                if first == 0 and last == stacked.shape[1]:
+                    stacked.add_(deltas)
+                else:
+                    rows = stacked[:, first:last]
+                    torch.add(rows, deltas, out=rows)
+                del deltas
+        return stacked
+
+    def versions(self) -> list[tuple[int, int, int]]:
+        """Every member's parameter, A and B version counters."""
+        get = operator.attrgetter("_version")
+        return list(zip(map(get, self.params), map(get, self.lora_a), map(get, self.lora_b), strict=True))
+
+    def merged_alone(self, instance: Any, expert: int) -> Any:
+        """One expert's merged parameter from its values of now, each row range by upstream's own
+        ``_merge_single_adapter_weight``."""
+        import torch
+
+        param, lora_a, lora_b = self.params[expert], self.lora_a[expert], self.lora_b[expert]
+        with torch.no_grad():
+            merged = param.detach().clone(memory_format=torch.contiguous_format)
+            for first, last in self.split_rows:
+                merged[first:last] = instance._merge_single_adapter_weight(
+                    param[first:last], self.alpha, self.dim, lora_a, lora_b[first:last])
+        return merged
+
+    def signature(self, mapping: Any, start: int, stop: int) -> tuple[Any, ...]:
+        param, a, b = self.params[0], self.lora_a[0], self.lora_b[0]
+        return (param.device, param.dtype, a.dtype, b.dtype, stop - start, tuple(param.shape), tuple(a.shape),
+                tuple(b.shape), tuple(self.rows), type(mapping))
+
+
+class _Plan:
+    __slots__ = ("by_position", "entries", "prefixes", "tasks")
+
+    def __init__(self, tasks: list[Any], entries: dict[int, tuple[_Group, int]], prefixes: frozenset[str]) -> None:
+        self.tasks, self.entries, self.prefixes = tasks, entries, prefixes
+        # per task position: None, or (group, member, its parameter, A, B)
+        self.by_position = [None if (hit := entries.get(id(task))) is None else
+                            (hit[0], hit[1], hit[0].params[hit[1]], hit[0].lora_a[hit[1]], hit[0].lora_b[hit[1]])
+                            for task in tasks]
+
+    def made_for(self, tasks: list[Any]) -> bool:
+        return len(tasks) == len(self.tasks) and all(map(operator.is_, tasks, self.tasks))
+
+
+_plans: weakref.WeakKeyDictionary[Any, _Plan] = weakref.WeakKeyDictionary()
+# signature -> whether the batched block equals upstream's merge, expert for expert
+_verified: dict[tuple[Any, ...], bool] = {}
+
+
+def _budget(device: Any) -> int:
+    return CPU_BLOCK_BUDGET_BYTES if device.type == "cpu" else BLOCK_BUDGET_BYTES
+
+
+def _row_range(whole: Any, part: Any) -> tuple[int, int] | None:
+    """Where ``part`` lies in ``whole`` as a range of whole rows (a view of it), else ``None``."""
+    if (part.dim() != 2 or part.untyped_storage().data_ptr() != whole.untyped_storage().data_ptr()
+            or part.stride() != whole.stride() or part.shape[1] != whole.shape[1]):
+        return None
+    offset = part.storage_offset() - whole.storage_offset()
+    if offset % whole.stride(0):
+        return None
+    first = offset // whole.stride(0)
+    return first, first + part.shape[0]
+
+
+def _qualifies(task: Any, adapter_tasks: Any) -> bool:
+    import torch
+    from megatron.bridge.models.conversion.peft_bridge import ColumnParallelMapping, RowParallelMapping
+
+    from moe_lora_plugins.patches.megatron_bridge.batched_merge import _plain_local_param
+
+    if not isinstance(adapter_tasks, list) or len(adapter_tasks) != 1:
+        return False
+    adapter = adapter_tasks[0]
+    mapping_types = (ColumnParallelMapping, RowParallelMapping)
+    param = task.param_weight
+    return (
+        adapter.adapter_key is None
+        and not adapter.requires_expert_splits
+        and _plain_local_param(adapter.linear_in_task, mapping_types)
+        and _plain_local_param(adapter.linear_out_task, mapping_types)
+        and not getattr(task.mapping, "is_grouped_export", False)
+        and type(param) in (torch.Tensor, torch.nn.Parameter)
+        and param.dim() == 2
+        and task.mapping.pp_size == 1
+        and task.mapping.tp_size == 1
+    )
+
+
+def _make_group(instance: Any, key: tuple[Any, ...], ordered: list[tuple[Any, Any]]) -> _Group | None:
+    tasks = [task for task, _ in ordered]
+    adapters = [adapter for _, adapter in ordered]
+    if any(type(task.mapping) is not type(tasks[0].mapping) for task in tasks):
+        return None
+    params = [t.param_weight for t in tasks]
+    lora_a = [a.linear_in_task.param_weight for a in adapters]
+    lora_b = [a.linear_out_task.param_weight for a in adapters]
+    alpha, dim = adapters[0].alpha, adapters[0].dim
+    p0, a0, b0 = params[0], lora_a[0], lora_b[0]
+    if (any(p.shape != p0.shape or p.dtype != p0.dtype or p.device != p0.device for p in params)
+            or any(a.shape != a0.shape or a.dtype != a0.dtype for a in lora_a)
+            or any(b.shape != b0.shape or b.dtype != b0.dtype for b in lora_b)
+            or any((a.alpha, a.dim) != (alpha, dim) for a in adapters)
+            or a0.dim() != 2 or b0.dim() != 2 or a0.shape[1] != p0.shape[1] or b0.shape[1] != a0.shape[0]
+            or b0.shape[0] != p0.shape[0]):
+        return None
+    converted = tasks[0].mapping.megatron_to_hf(p0, tasks[0].megatron_module)
+    names = list(converted or ())
+    if not names or instance._is_gdn_in_proj_split(names):
+        return None
+    if instance._is_fused_fc1_gate_up(names, b0, converted[names[0]].shape):
+        parts = instance._split_fused_fc1_linear_out_weight(b0, is_expert=".local_experts." in key[1])
+        split_rows = [_row_range(b0, part) for part in parts]
+        if None in split_rows:
+            return None
+    else:
+        split_rows = [(0, b0.shape[0])]
+    return _Group(key, params, lora_a, lora_b, alpha, dim, split_rows)  # type: ignore[arg-type]
+
+
+def _verify(instance: Any, models: Any, group: _Group, tasks: list[Any], adapters: list[Any]) -> bool:
+    """Pick the group's row ranges: all rows in one product where that is bitwise upstream's merge (one
+    product per range upstream splits, such as gate and up, otherwise); ``False`` where neither is."""
+    budget = _budget(group.params[0].device)
+    whole = [(0, group.lora_b[0].shape[0])]
+    for rows in ([whole, group.split_rows] if group.split_rows != whole else [whole]):
+        group.use_rows(rows, budget)
+        if _verify_rows(instance, models, group, tasks, adapters):
+            return True
+    log.warning("moe-lora-plugins: the per-layer merged export differs from Megatron-Bridge's merge for %s on %s: "
+                "those go through upstream's per-tensor merge", group.key[1], group.params[0].device)
+    return False
+
+
+def _verify_rows(instance: Any, models: Any, group: _Group, tasks: list[Any], adapters: list[Any]) -> bool:
+    """Every block shape of ``group`` checked once per process: its merged members, through upstream's
+    mapping, bitwise upstream's ``_merge_lora_adapter_weights`` of upstream's mapping output."""
+    import torch
+    from megatron.bridge.models.conversion.model_bridge import MegatronWeightTuple
+    from megatron.bridge.models.conversion.peft_bridge import AdapterWeight
+
+    factors = None
+    for start, stop in group.blocks:
+        signature = group.signature(tasks[0].mapping, start, stop)
+        if signature in _verified:
+            if not _verified[signature]:
+                return False
+            continue
+        factors = factors or group.factors()
+        block = group.merged_block(start, stop, factors)
+        equal = True
+        for member in range(start, stop):
+            task, adapter = tasks[member], adapters[member]
+            linear_in, linear_out = adapter.linear_in_task, adapter.linear_out_task
+            materialized = AdapterWeight(
+                global_base_prefix=adapter.global_base_prefix, adapter_key=None, alpha=adapter.alpha, dim=adapter.dim,
+                linear_in_weight=MegatronWeightTuple(linear_in.param_name, linear_in.param_weight, linear_in.vp_stage),
+                linear_out_weight=MegatronWeightTuple(linear_out.param_name, linear_out.param_weight,
+                                                      linear_out.vp_stage),
+            )
+            base = dict(task.mapping.megatron_to_hf(task.param_weight, task.megatron_module))
+            reference = instance._merge_lora_adapter_weights(models, base, [materialized])
+            ours = task.mapping.megatron_to_hf(block[member - start], task.megatron_module)
+            if list(ours) != list(reference) or not all(torch.equal(ours[n], reference[n]) for n in reference):
+                equal = False
+                break
+        _verified[signature] = equal
+        if not equal:
+            log.info("moe-lora-plugins: merged-stream block %s is not upstream's merge", signature)
+            return False
+    return True
+
+
+def _build_plan(instance: Any, models: Any, tasks: list[Any]) -> _Plan:
+    from moe_lora_plugins.patches.megatron_bridge._export_common import model_list
+
+    chunks = model_list(models)
+    by_base = instance.build_adapter_conversion_tasks(chunks)
+    members: dict[tuple[Any, ...], list[tuple[Any, Any]]] = {}
+    for task in tasks:
+        name = getattr(task, "global_param_name", None)
+        if not isinstance(name, str) or not name.endswith(_WRAPPED):
+            continue
+        base = name[: -len(_WRAPPED)]
+        adapter_tasks = by_base.get(base)
+        if not _qualifies(task, adapter_tasks):
+            continue
+        # one group per (virtual stage, projection of every layer / expert): e.g. all experts' fc1 of all layers
+        key = (task.vp_stage or 0, _INDEX.sub(".#.", base))
+        members.setdefault(key, []).append((task, adapter_tasks[0]))
+    entries: dict[int, tuple[_Group, int]] = {}
+    prefixes = set()
+    for key, ordered in members.items():
+        group = _make_group(instance, key, ordered)
+        if group is None:
+            continue
+        if not _verify(instance, models, group, [t for t, _ in ordered], [a for _, a in ordered]):
+            continue
+        for index, (task, adapter) in enumerate(ordered):
+            entries[id(task)] = (group, index)
+            prefixes.add(adapter.global_base_prefix)
+    return _Plan(list(tasks), entries, frozenset(prefixes))
+
+
+def plan_tasks(instance: Any, models: Any, hf_pretrained: Any, conversion_tasks: Any
+               ) -> tuple[Any, frozenset[str], Any] | None:
+    """The conversion tasks to hand upstream for this merged stream, the adapter bases it merges itself and the
+    conversion-task cache entry checked for this call, or ``None`` where no expert group qualifies (upstream's stream as it is)."""
+    from moe_lora_plugins.patches.megatron_bridge._export_common import ep_group_and_size, model_list
+
+    if ep_group_and_size(models)[1] != 1:
+        return None
+    from moe_lora_plugins.patches.megatron_bridge.conversion_tasks_cache import last_checked_entry
+
+    chunks = model_list(models)
+    checked = None
+    if conversion_tasks is None:
+        tasks = instance.build_conversion_tasks(hf_pretrained, chunks)
+        checked = last_checked_entry()
+    else:
+        tasks = conversion_tasks
+    if not isinstance(tasks, list):
+        return None
+    plan = _plans.get(chunks[0])
+    if plan is None or not plan.made_for(tasks):
+        plan = _plans[chunks[0]] = _build_plan(instance, models, tasks)
+    if not plan.entries:
+        return None
+    return _MergedTasks(instance, tasks, plan), plan.prefixes, checked
+
+
+class _MergedTasks:
+    """Upstream's task list, with each planned expert task handed out as a copy holding its merged weight."""
+
+    def __init__(self, instance: Any, tasks: list[Any], plan: _Plan) -> None:
+        self._instance, self._tasks, self._plan = instance, tasks, plan
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def __iter__(self) -> Iterator[Any]:
+        new_task = object.__new__
+        # group -> [block start, block stop, the block's members' merged parameters, stacked factors,
+        #           every member's versions when the factors were read]
+        live: dict[_Group, list[Any]] = {}
+        for task, hit in zip(self._tasks, self._plan.by_position, strict=True):
+            if hit is None:
+                yield task
+                continue
+            group, member, param, lora_a, lora_b = hit
+            state = live.get(group)
+            if state is None:
+                versions = group.versions()  # before the factors and parameters are read
+                state = live[group] = [-1, -1, (), group.factors(), versions]
+            if not state[0] <= member < state[1]:
+                start, stop = group.block_of(member)
+                state[:3] = [start, stop, group.merged_block(start, stop, state[3]).unbind(0)]
+            if state[4][member] == (param._version, lora_a._version, lora_b._version):
+                merged = state[2][member - state[0]]
+            else:  # changed in place since its factors were read (upstream would see it): upstream's own merge
+                merged = group.merged_alone(self._instance, member)
+            proxy = new_task(type(task))
+            proxy.__dict__.update(task.__dict__)
+            proxy.__dict__["param_weight"] = merged
+            if member == group.last:
+                del live[group]  # the group's last member: its block is the caller's now, its factors freed
+            yield proxy
+
+
+def stream(wrapped: Any, call: dict[str, Any], planned: tuple[Any, frozenset[str], Any]) -> Iterator[Any]:
+    """Upstream's merged stream over the planned tasks, with the planned experts left out of its merge tasks."""
+    from moe_lora_plugins.errors import MoeLoraError
+
+    tasks, prefixes, checked = planned
+    inner = wrapped(**{**call, "conversion_tasks": tasks})
+    exclusion = _Exclusion(prefixes, checked)
+    token = _EXCLUDED.set(exclusion)
+    try:
+        first = next(inner, _END)
+    finally:
+        _EXCLUDED.reset(token)
+    if not exclusion.used:
+        inner.close()
+        raise MoeLoraError(
+            "the per-layer merged export handed Megatron-Bridge merged expert weights, but the stream did not "
+            "build its adapter merge tasks before its first item, so it could merge them a second time; nothing "
+            "was exported. Megatron-Bridge's stream changed: disable the patch with "
+            "MOELORA_DISABLED_PATCHES=megatron_bridge.batched_expert_merge and report it to moe-lora-plugins."
+        )
+    if first is _END:
+        return
+    yield first
+    yield from inner
+
+
+_END = object()
