@@ -160,12 +160,17 @@ def _deterministic_lines(det: dict[str, Any]) -> list[str]:
 
 
 def _export_table(export: dict[str, Any]) -> list[str]:
-    out = ["| call | upstream s (median) | GB/s | patched s (median) | GB/s | patched / upstream |", "|---|---|---|---|---|---|"]
+    out = ["| call | upstream s (median) | GB/s | peak MiB | patched s (median) | GB/s | peak MiB | patched / upstream |",
+           "|---|---|---|---|---|---|---|---|"]
+
+    def peak(t: dict[str, Any]) -> str:
+        return f"{t['peak_extra_bytes_max'] / 2**20:.0f}" if "peak_extra_bytes_max" in t else "-"
+
     for call in ("user_default", "host_plain", "host_merged"):
         u, p = export["timings"][f"upstream/{call}"], export["timings"][f"patched/{call}"]
         out.append(
-            f"| {call} | {u['seconds_median']:.4f} | {u['gb_per_s_median']:.1f} | {p['seconds_median']:.4f} | "
-            f"{p['gb_per_s_median']:.1f} | {p['seconds_median'] / u['seconds_median']:.2f} |"
+            f"| {call} | {u['seconds_median']:.4f} | {u['gb_per_s_median']:.1f} | {peak(u)} | {p['seconds_median']:.4f} | "
+            f"{p['gb_per_s_median']:.1f} | {peak(p)} | {p['seconds_median'] / u['seconds_median']:.2f} |"
         )
     out.append("")
     out.append(f"Bitwise equal to upstream: {export['bitwise_equal']}; merged / plain, patched: "

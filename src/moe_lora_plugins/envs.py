@@ -59,6 +59,10 @@ SWITCHES: tuple[Switch, ...] = (
     Switch("MOELORA_SYNC_FILL_THREADS", "a whole number >= 1", "min(4, usable CPUs)",
            "Threads that copy an adapter sync's pieces into one host bucket (shared-memory and CPU transports) "
            "when the bucket holds at least 8 MiB; 1 copies on the calling thread only."),
+    Switch("MOELORA_MERGE_BLOCK_MIB", "a whole number >= 1", "256",
+           "A merged export on an accelerator (the per-layer merged stream of megatron_bridge.batched_expert_merge) "
+           "merges its LoRA-wrapped weights in blocks whose float32 deltas take at most this many MiB: larger "
+           "blocks are fewer launches and more memory. Read when a model's first merged export plans its blocks."),
 )
 
 SWITCH_NAMES = frozenset(s.name for s in SWITCHES)
@@ -125,6 +129,23 @@ def parse_fill_threads(raw: str | None) -> int | None:
     return threads
 
 
+def parse_merge_block_mib(raw: str | None) -> int | None:
+    """``MOELORA_MERGE_BLOCK_MIB``: a whole number >= 1, or ``None`` when unset or blank (the default)."""
+    value = (raw or "").strip()
+    if not value:
+        return None
+    try:
+        mib = int(value)
+    except ValueError:
+        mib = 0
+    if mib < 1:
+        raise SettingsError(
+            f"MOELORA_MERGE_BLOCK_MIB={raw!r} is not a whole number >= 1. Set it to the MiB of float32 LoRA deltas "
+            "one block of a merged export may hold on an accelerator (e.g. 128), or unset it for the default (256)."
+        )
+    return mib
+
+
 def is_switched_on(environ: Mapping[str, str] | None = None) -> bool:
     """Only ``MOELORA_PLUGINS``: the one lookup the bootstrap makes before anything else."""
     env = os.environ if environ is None else environ
@@ -148,6 +169,7 @@ class Settings:
     true_on_policy: bool = False
     onpolicy_gate: str = "off"
     sync_fill_threads: int | None = None  # None: min(4, usable CPUs)
+    merge_block_mib: int | None = None  # None: 256
     raw: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     def patch_enabled(self, patch_id: str) -> bool:
@@ -172,6 +194,7 @@ class Settings:
             "MOELORA_TRUE_ON_POLICY": "on" if self.true_on_policy else "off",
             "MOELORA_ONPOLICY_GATE": self.onpolicy_gate,
             "MOELORA_SYNC_FILL_THREADS": "default" if self.sync_fill_threads is None else str(self.sync_fill_threads),
+            "MOELORA_MERGE_BLOCK_MIB": "default" if self.merge_block_mib is None else str(self.merge_block_mib),
         }
         return [
             {"name": s.name, "set": self.raw.get(s.name, ""), "parsed": parsed[s.name], "default": s.default}
@@ -207,6 +230,7 @@ def load_settings(
         true_on_policy=parse_bool("MOELORA_TRUE_ON_POLICY", env.get("MOELORA_TRUE_ON_POLICY")),
         onpolicy_gate=parse_gate(env.get("MOELORA_ONPOLICY_GATE")),
         sync_fill_threads=parse_fill_threads(env.get("MOELORA_SYNC_FILL_THREADS")),
+        merge_block_mib=parse_merge_block_mib(env.get("MOELORA_MERGE_BLOCK_MIB")),
         raw=raw,
     )
     if known_patch_ids is not None:

@@ -63,3 +63,19 @@ def test_every_switch_is_documented_in_the_readme():
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     missing = [s.name for s in SWITCHES if f"`{s.name}`" not in readme]
     assert missing == []
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "1.5", "lots"])
+def test_merge_block_mib_refuses_what_is_not_a_whole_number_naming_it_and_the_fix(value):
+    from moe_lora_plugins.envs import parse_merge_block_mib
+    from moe_lora_plugins.errors import SettingsError
+
+    with pytest.raises(SettingsError, match=rf"MOELORA_MERGE_BLOCK_MIB='{value}' is not a whole number >= 1\. Set it"):
+        parse_merge_block_mib(value)
+
+
+def test_merge_block_mib_unset_or_blank_is_the_default_and_a_number_is_taken():
+    from moe_lora_plugins.envs import parse_merge_block_mib
+
+    assert parse_merge_block_mib(None) is None and parse_merge_block_mib("  ") is None
+    assert parse_merge_block_mib(" 512 ") == 512

@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 
 _WRAPPED = ".to_wrap.weight"
 # float32 deltas of one row range of one block, at most (balanced blocks of at least one member)
-BLOCK_BUDGET_BYTES = 256 << 20  # on an accelerator: 20 experts' fc1 (gate and up) at the anchor shapes
+BLOCK_BUDGET_BYTES = 256 << 20  # on an accelerator (MOELORA_MERGE_BLOCK_MIB): 21 experts' fc1 at the anchor shapes
 CPU_BLOCK_BUDGET_BYTES = 4 << 20  # on the CPU large fresh buffers cost page faults and the matmul dominates
 _INDEX = re.compile(r"\.\d+\.")
 
@@ -193,7 +193,16 @@ _verified: dict[tuple[Any, ...], bool] = {}
 
 
 def _budget(device: Any) -> int:
-    return CPU_BLOCK_BUDGET_BYTES if device.type == "cpu" else BLOCK_BUDGET_BYTES
+    """Bytes of float32 deltas one row range of one block may take: ``MOELORA_MERGE_BLOCK_MIB`` (or
+    ``BLOCK_BUDGET_BYTES``) on an accelerator, ``CPU_BLOCK_BUDGET_BYTES`` on the CPU."""
+    if device.type == "cpu":
+        return CPU_BLOCK_BUDGET_BYTES
+    import os
+
+    from moe_lora_plugins.envs import parse_merge_block_mib
+
+    mib = parse_merge_block_mib(os.environ.get("MOELORA_MERGE_BLOCK_MIB"))
+    return BLOCK_BUDGET_BYTES if mib is None else mib << 20
 
 
 def _row_range(whole: Any, part: Any) -> tuple[int, int] | None:
