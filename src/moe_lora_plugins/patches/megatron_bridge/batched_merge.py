@@ -86,7 +86,7 @@ SPECS = (
         ) + tuple(
             f"megatron.bridge.models.conversion.model_bridge:{name}"
             for name in ("MegatronWeightTuple", "WeightConversionTask", "MegatronModelBridge.build_conversion_tasks",
-                         "MegatronModelBridge.stream_weights_megatron_to_hf")
+                         "MegatronModelBridge.stream_weights_megatron_to_hf", "_get_pp_group")
         ),
     ),
 )

@@ -358,12 +358,21 @@ def _build_plan(instance: Any, models: Any, tasks: list[Any]) -> _Plan:
 
 def plan_tasks(instance: Any, models: Any, hf_pretrained: Any, conversion_tasks: Any
                ) -> tuple[Any, frozenset[str], Any] | None:
-    """The conversion tasks to hand upstream for this merged stream, the adapter bases it merges itself and the
-    conversion-task cache entry checked for this call, or ``None`` where no expert group qualifies (upstream's stream as it is)."""
+    """The conversion tasks to hand upstream for this merged stream, the adapter bases it merges itself (none
+    where no group qualifies: the tasks are then upstream's own, built once) and the conversion-task cache
+    entry checked for this call; ``None`` under expert or pipeline parallelism (upstream's stream as it is)."""
+    import torch.distributed as dist
+
     from moe_lora_plugins.patches.megatron_bridge._export_common import ep_group_and_size, model_list
 
     if ep_group_and_size(models)[1] != 1:
         return None
+    if dist.is_available() and dist.is_initialized():
+        from megatron.bridge.models.conversion.model_bridge import _get_pp_group
+
+        group = _get_pp_group(models)
+        if group is not None and dist.get_world_size(group) > 1:
+            return None
     from moe_lora_plugins.patches.megatron_bridge.conversion_tasks_cache import last_checked_entry
 
     chunks = model_list(models)
@@ -379,7 +388,7 @@ def plan_tasks(instance: Any, models: Any, hf_pretrained: Any, conversion_tasks:
     if plan is None or not plan.made_for(tasks):
         plan = _plans[chunks[0]] = _build_plan(instance, models, tasks)
     if not plan.entries:
-        return None
+        return tasks, frozenset(), checked
     return _MergedTasks(instance, tasks, plan), plan.prefixes, checked
 
 
@@ -427,6 +436,9 @@ def stream(wrapped: Any, call: dict[str, Any], planned: tuple[Any, frozenset[str
 
     tasks, prefixes, checked = planned
     inner = wrapped(**{**call, "conversion_tasks": tasks})
+    if not prefixes:  # nothing planned: upstream's merged stream over the tasks already built
+        yield from inner
+        return
     exclusion = _Exclusion(prefixes, checked)
     token = _EXCLUDED.set(exclusion)
     try:
