@@ -170,7 +170,7 @@ class _Group:
     def signature(self, mapping: Any, start: int, stop: int) -> tuple[Any, ...]:
         param, a, b = self.params[0], self.lora_a[0], self.lora_b[0]
         return (param.device, param.dtype, a.dtype, b.dtype, stop - start, tuple(param.shape), tuple(a.shape),
-                tuple(b.shape), tuple(self.rows), type(mapping))
+                tuple(b.shape), tuple(self.rows), type(mapping), self.scale)
 
 
 class _Plan:
@@ -330,7 +330,7 @@ def _build_plan(instance: Any, models: Any, tasks: list[Any]) -> _Plan:
 
     chunks = model_list(models)
     by_base = instance.build_adapter_conversion_tasks(chunks)
-    members: dict[tuple[Any, ...], list[tuple[Any, Any]]] = {}
+    members: dict[tuple[Any, ...], list[tuple[Any, Any, str]]] = {}
     for task in tasks:
         name = getattr(task, "global_param_name", None)
         if not isinstance(name, str) or not name.endswith(_WRAPPED):
@@ -341,18 +341,19 @@ def _build_plan(instance: Any, models: Any, tasks: list[Any]) -> _Plan:
             continue
         # one group per (virtual stage, projection of every layer / expert): e.g. all experts' fc1 of all layers
         key = (task.vp_stage or 0, _INDEX.sub(".#.", base))
-        members.setdefault(key, []).append((task, adapter_tasks[0]))
+        members.setdefault(key, []).append((task, adapter_tasks[0], base))
     entries: dict[int, tuple[_Group, int]] = {}
     prefixes = set()
-    for key, ordered in members.items():
+    for key, found in members.items():
+        ordered = [(task, adapter) for task, adapter, _ in found]
         group = _make_group(instance, key, ordered)
         if group is None:
             continue
         if not _verify(instance, models, group, [t for t, _ in ordered], [a for _, a in ordered]):
             continue
-        for index, (task, adapter) in enumerate(ordered):
+        for index, (task, _, base) in enumerate(found):
             entries[id(task)] = (group, index)
-            prefixes.add(adapter.global_base_prefix)
+            prefixes.add(base)  # the key upstream looks the adapter tasks up by
     return _Plan(list(tasks), entries, frozenset(prefixes))
 
 
@@ -370,7 +371,10 @@ def plan_tasks(instance: Any, models: Any, hf_pretrained: Any, conversion_tasks:
     if dist.is_available() and dist.is_initialized():
         from megatron.bridge.models.conversion.model_bridge import _get_pp_group
 
-        group = _get_pp_group(models)
+        try:
+            group = _get_pp_group(models)
+        except (AssertionError, RuntimeError):  # no pipeline group to be found: leave the stream to upstream
+            return None
         if group is not None and dist.get_world_size(group) > 1:
             return None
     from moe_lora_plugins.patches.megatron_bridge.conversion_tasks_cache import last_checked_entry
