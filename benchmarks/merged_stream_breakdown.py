@@ -3,6 +3,8 @@
 
 - ``plain`` / ``merged``: ``export_hf_weights(model, cpu=False, show_progress=False, merge_adapter_weights=...)``
   iterated to the end, synchronised before and after (as ``export_host_bench.py``);
+- ``merged_session6_blocks``: the merged export with session 6's block arithmetic (``torch.stack``, a fresh
+  delta buffer per block, ``baddbmm`` with alpha = alpha / dim) in place of ``_Group.merged_block``;
 - ``merged_no_compute``: the merged export with every block's merge replaced by a stack of the block's
   parameters prepared beforehand (the stream's Python and upstream's loop without the merge arithmetic);
 - ``merged_no_proxy``: the merged export with the planned adapters left out of upstream's merge but the
@@ -101,7 +103,7 @@ def main() -> None:
 
     def no_compute(run: Any) -> Any:
         def wrapped() -> None:
-            merged_stream._Group.merged_block = lambda self, start, stop, factors: prepared[(id(self), start)]
+            merged_stream._Group.merged_block = lambda self, start, stop, factors, scratch=None: prepared[(id(self), start)]
             try:
                 run()
             finally:
@@ -115,9 +117,36 @@ def main() -> None:
         finally:
             merged_stream._MergedTasks.__iter__ = real_iter
 
+    def session6_block(self: Any, start: int, stop: int, factors: Any, scratch: Any = None) -> Any:
+        """Session 6's block (commit a1ddec3): ``torch.stack``, a fresh delta buffer, one ``baddbmm`` (beta 0,
+        alpha = alpha / dim)."""
+        a32, b32 = factors
+        with torch.no_grad():
+            stacked = torch.stack(self.params[start:stop])
+            for first, last in self.rows:
+                b_block = b32[start:stop] if (first, last) == (0, b32.shape[1]) else \
+                    b32[start:stop, first:last].contiguous()
+                deltas = torch.empty((stop - start, last - first, a32.shape[2]), dtype=torch.float32,
+                                     device=stacked.device)
+                torch.baddbmm(deltas, b_block, a32[start:stop], beta=0, alpha=self.scale, out=deltas)
+                if first == 0 and last == stacked.shape[1]:
+                    stacked.add_(deltas)
+                else:
+                    rows = stacked[:, first:last]
+                    torch.add(rows, deltas, out=rows)
+        return stacked
+
+    def with_session6_blocks() -> None:
+        merged_stream._Group.merged_block = session6_block
+        try:
+            export(True)
+        finally:
+            merged_stream._Group.merged_block = real_block
+
     variants = {
         "plain": lambda: export(False),
         "merged": lambda: export(True),
+        "merged_session6_blocks": with_session6_blocks,
         "merged_no_compute": no_compute(lambda: export(True)),
         "merged_no_proxy": no_proxy,
         "stream_tasks_only": no_compute(lambda: list(tasks)),

@@ -15,10 +15,11 @@ tasks reach upstream's loop as plain tasks whose parameter is already merged:
   adapter whose mappings return the parameters themselves (one pipeline stage, one (expert-)tensor-
   parallel shard, EP size 1) and all members are plain 2-D tensors of one shape, dtype and device;
 - while the stream runs, at a group's first member the group's A and B are stacked in float32 (upstream
-  casts each to float32 before its product: exact), and at the first member of each block the block's parameters are stacked (one copy) and, per row
-  range, ``scale * (B @ A)`` in float32 (one ``baddbmm`` with beta 0 and alpha = alpha / dim: the
-  product rounded once, then scaled once, upstream's ``scale * (B @ A)``) is added and rounded once to the
-  parameters' dtype (one add: upstream's ``(base.float() + delta).to(dtype)``, element for element).
+  casts each to float32 before its product: exact), and at the first member of each block the block's
+  parameters are stacked (one ``cat``, one copy) and, per row range, ``scale * (B @ A)`` in float32 (one
+  ``bmm`` into a scratch buffer the export reuses, then one multiply by alpha / dim: upstream's
+  ``lora_scale * (linear_out @ linear_in)``, the product rounded, then scaled) is added and rounded once
+  to the parameters' dtype (one add: upstream's ``(base.float() + delta).to(dtype)``, element for element).
   The row range is all of B's rows where that is bitwise upstream's merge; else the ranges upstream
   merges one by one (gate and up of a fused fc1, split as upstream's ``_split_fused_fc1_linear_out_weight``
   splits B);
@@ -82,6 +83,25 @@ def claim_exclusion() -> _Exclusion | None:
     return exclusion
 
 
+class _Scratch:
+    """One float32 buffer for the deltas of every block of one export: blocks are computed one after the other
+    on one stream, so each may overwrite the last's (allocated once, at the largest size asked for)."""
+
+    __slots__ = ("buffer",)
+
+    def __init__(self) -> None:
+        self.buffer: Any = None
+
+    def take(self, shape: tuple[int, int, int], device: Any) -> Any:
+        import torch
+
+        count = shape[0] * shape[1] * shape[2]
+        if self.buffer is None or self.buffer.numel() < count or self.buffer.device != device:
+            self.buffer = None  # the old one freed before the larger one is allocated
+            self.buffer = torch.empty(count, dtype=torch.float32, device=device)
+        return self.buffer[:count].view(shape)
+
+
 class _Group:
     """The members of one (virtual stage, projection of every layer / expert), in stream order."""
 
@@ -122,25 +142,27 @@ class _Group:
 
         device = self.params[0].device
         with torch.no_grad():
-            return (torch.stack(self.lora_a).to(device=device, dtype=torch.float32),
-                    torch.stack(self.lora_b).to(device=device, dtype=torch.float32))
+            return (_stacked(self.lora_a).to(device=device, dtype=torch.float32),
+                    _stacked(self.lora_b).to(device=device, dtype=torch.float32))
 
-    def merged_block(self, start: int, stop: int, factors: tuple[Any, Any]) -> Any:
+    def merged_block(self, start: int, stop: int, factors: tuple[Any, Any], scratch: _Scratch | None = None) -> Any:
         """Members ``start .. stop - 1``'s merged parameters, stacked ``(stop - start, out, in)``: per row range
-        one ``baddbmm`` of the float32 factors scaled by alpha / dim in its epilogue (with beta 0: upstream's
-        ``scale * (B @ A)``, checked bitwise per shape) and one add rounded to the parameters' dtype."""
+        one ``bmm`` of the float32 factors and one multiply by alpha / dim (upstream's ``lora_scale * (B @ A)``,
+        the product checked bitwise per shape), then one add rounded to the parameters' dtype. The float32
+        deltas go to ``scratch`` (one buffer an export reuses, in stream order) or a fresh buffer."""
         import torch
 
         a32, b32 = factors
         with torch.no_grad():
-            stacked = torch.stack(self.params[start:stop])
+            stacked = _stacked(self.params[start:stop])
             a_block = a32[start:stop]
             for first, last in self.rows:
                 b_block = b32[start:stop] if (first, last) == (0, b32.shape[1]) else \
                     b32[start:stop, first:last].contiguous()
-                deltas = torch.empty((stop - start, last - first, a32.shape[2]), dtype=torch.float32,
-                                     device=stacked.device)
-                torch.baddbmm(deltas, b_block, a_block, beta=0, alpha=self.scale, out=deltas)
+                shape = (stop - start, last - first, a32.shape[2])
+                deltas = (scratch or _Scratch()).take(shape, stacked.device)
+                torch.bmm(b_block, a_block, out=deltas)
+                deltas.mul_(self.scale)
                 if first == 0 and last == stacked.shape[1]:
                     stacked.add_(deltas)
                 else:
@@ -190,6 +212,15 @@ class _Plan:
 _plans: weakref.WeakKeyDictionary[Any, _Plan] = weakref.WeakKeyDictionary()
 # signature -> whether the batched block equals upstream's merge, expert for expert
 _verified: dict[tuple[Any, ...], bool] = {}
+
+
+def _stacked(tensors: list[Any]) -> Any:
+    """``torch.stack`` of 2-D tensors of one shape as one ``cat`` along rows viewed 3-D (no view of each input
+    first: on the H200 host 36 us against 41 for a block of 21 experts, ``merged_stream_ops.py``)."""
+    import torch
+
+    first = tensors[0]
+    return torch.cat(tensors).view(len(tensors), first.shape[0], first.shape[1])
 
 
 def _budget(device: Any) -> int:
@@ -410,6 +441,7 @@ class _MergedTasks:
         # group -> [block start, block stop, the block's members' merged parameters, stacked factors,
         #           every member's versions when the factors were read]
         live: dict[_Group, list[Any]] = {}
+        scratch = _Scratch()  # freed with this generator
         for task, hit in zip(self._tasks, self._plan.by_position, strict=True):
             if hit is None:
                 yield task
@@ -421,7 +453,7 @@ class _MergedTasks:
                 state = live[group] = [-1, -1, (), group.factors(), versions]
             if not state[0] <= member < state[1]:
                 start, stop = group.block_of(member)
-                state[:3] = [start, stop, group.merged_block(start, stop, state[3]).unbind(0)]
+                state[:3] = [start, stop, group.merged_block(start, stop, state[3], scratch).unbind(0)]
             if state[4][member] == (param._version, lora_a._version, lora_b._version):
                 merged = state[2][member - state[0]]
             else:  # changed in place since its factors were read (upstream would see it): upstream's own merge
