@@ -19,9 +19,12 @@ Writes ``OUT/suite.json`` (device, date, versions, command, each part's status) 
 
     python benchmarks/speed_suite.py --out OUT [--parts step,step_deterministic,export,sync] [--quick]
 
-On the one-H200 device machine (torch there, no vLLM / Transformer Engine; the megatron-core 0.19.2,
-megatron-bridge 0.6.2, omegaconf 2.4.0 and antlr4-python3-runtime 4.9.3 wheels carried in ``.whl``),
-the whole suite in one call (about 5 minutes of work; each part has its own time limit):
+On the one-H200 device machine (torch there, no vLLM / Transformer Engine; the wheels carried in ``.whl``,
+which is not tracked: on 2026-12-03 a fresh checkout filled it with
+``PYENV_VERSION=3.12.1 python3.12 -m pip download --no-deps -d .whl megatron-core==0.19.2
+megatron-bridge==0.6.2 omegaconf==2.4.0 einops==0.8.2 rich==15.0.0 markdown-it-py==4.3.0 mdurl==0.1.2``
+(without omegaconf megatron-bridge does not import there)), the whole suite in one call (about 5 minutes
+of work; each part has its own time limit):
 
     pip install -q --no-deps --target /tmp/site .whl/*.whl && \
     PYTHONPATH=$PWD/src:/tmp/site NCCL_NVLS_ENABLE=0 python3 benchmarks/speed_suite.py --out $OUT
