@@ -63,7 +63,7 @@ SPECS = (
             "own: two mapping calls per expert adapter, then float32 copies, one small matmul, a scale, an add "
             "and a cast per tensor (1,536 tensors on the 8-layer, 64-expert anchor model): 3.95x the plain "
             "export on one H200. The per-layer merged stream (merged_stream.py) hands upstream's loop the "
-            "expert and attention weights merged a block at a time: 1.26x-1.40x the plain export on one H200 "
+            "expert and attention weights merged a block at a time: 1.26x-1.46x the plain export on one H200 "
             "(4.56x with the per-expert batched merge alone)."
         ),
         upstream="Megatron-Bridge 0.6.2 peft_bridge.MegatronPeftBridge.materialize_adapter_weights and "
@@ -75,9 +75,10 @@ SPECS = (
         "fp32, blocks of 64/21/10/1); the 2.75 B anchor model's merged export bitwise upstream's, 0.161 s "
         "against upstream's 0.648 s (benchmarks/RESULTS-export.md, run 5). Per-layer merged stream: CPU gloo "
         "world size 1, bf16 and fp32, merged exports bitwise upstream's with one block per group and several, "
-        "a weight changed mid-stream, a new adapter parameter, the split-rows and upstream fallbacks "
-        "(tests/megatron/test_merged_stream.py); 1xH200: the anchor model's merged export bitwise upstream's, "
-        "0.041-0.044 s against upstream's 0.54-0.68 s, 1.26x-1.40x the plain export "
+        "a LoRA scale that is not a power of two (13 / 10), a weight changed mid-stream, a new adapter "
+        "parameter, the split-rows and upstream fallbacks (tests/megatron/test_merged_stream.py); 1xH200: the "
+        "anchor model's merged export bitwise upstream's, 0.041-0.044 s against upstream's 0.54-0.70 s, "
+        "1.26x-1.46x the plain export over four machine starts "
         "(benchmarks/RESULTS-export.md, Latest).",
         requires=tuple(
             f"megatron.bridge.models.conversion.peft_bridge:{name}"
