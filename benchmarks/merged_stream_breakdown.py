@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from export_bench import anchor_config  # noqa: E402
+from merged_stream_ops import interleaved  # noqa: E402
 
 from moe_lora_plugins.testing.tiny_models import LoraSettings  # noqa: E402
 
@@ -153,19 +154,9 @@ def main() -> None:
         "blocks_only": blocks_only,
         "plan": lambda: merged_stream.plan_tasks(bridge, built.model, built.bridge.hf_pretrained, None),
     }
-    samples: dict[str, list[float]] = {name: [] for name in variants}
-    unsynced = ("merged", "blocks_only")  # also timed to the call's return, before the final synchronisation
-    samples.update({f"{name}_until_return": [] for name in unsynced})
-    for _ in range(args.rounds):  # interleaved, so drift favours none
-        for name, run in variants.items():
-            sync()
-            start = time.perf_counter()
-            run()
-            returned = time.perf_counter()
-            sync()
-            samples[name].append(time.perf_counter() - start)
-            if name in unsynced:
-                samples[f"{name}_until_return"].append(returned - start)
+    returned_s, samples = interleaved(variants, args.rounds, sync)
+    # also timed to the call's return, before the final synchronisation
+    samples.update({f"{name}_until_return": returned_s[name] for name in ("merged", "blocks_only")})
     result.update({name: statistics.median(times) for name, times in samples.items()})
     budgets: dict[str, Any] = {}
     saved_budget = merged_stream.BLOCK_BUDGET_BYTES

@@ -20,9 +20,31 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+
+def interleaved(variants: dict[str, Callable[[], Any]], rounds: int, sync: Callable[[], None]
+                ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Every variant run once per round, in turn (so drift favours none), synchronised before; per variant the
+    seconds until its call returned (the host's share) and until it finished (synchronised after)."""
+    returned_s: dict[str, list[float]] = {name: [] for name in variants}
+    finished_s: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, run in variants.items():
+            sync()
+            start = time.perf_counter()
+            run()
+            returned = time.perf_counter()
+            sync()
+            returned_s[name].append(returned - start)
+            finished_s[name].append(time.perf_counter() - start)
+    return returned_s, finished_s
 
 
 def main() -> None:
@@ -37,6 +59,8 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
+    from moe_lora_plugins.patches.megatron_bridge.merged_stream import _stacked
+
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     dtype = torch.bfloat16
@@ -48,10 +72,6 @@ def main() -> None:
     def sync() -> None:
         if cuda:
             torch.cuda.synchronize()
-
-    def cat_view(tensors: list[Any]) -> Any:
-        first = tensors[0]
-        return torch.cat(tensors).view(len(tensors), first.shape[0], first.shape[1])
 
     def foreach_copy(tensors: list[Any]) -> Any:
         first = tensors[0]
@@ -82,10 +102,10 @@ def main() -> None:
 
     variants = {
         "stack": lambda: torch.stack(params),
-        "cat_view": lambda: cat_view(params),
+        "cat_view": lambda: _stacked(params),
         "foreach_copy": lambda: foreach_copy(params),
         "factors_stack": lambda: (torch.stack(lora_a).float(), torch.stack(lora_b).float()),
-        "factors_cat_view": lambda: (cat_view(lora_a).float(), cat_view(lora_b).float()),
+        "factors_cat_view": lambda: (_stacked(lora_a).float(), _stacked(lora_b).float()),
         "unbind": lambda: block.unbind(0),
         "proxies_all_members": proxies,
         "baddbmm_alpha": lambda: torch.baddbmm(deltas, b32, a32, beta=0, alpha=2.0, out=deltas),
@@ -93,21 +113,11 @@ def main() -> None:
         "add_rounded": lambda: block.add_(deltas),
         "empty_deltas": lambda: torch.empty((args.block, out_rows, in_cols), dtype=torch.float32, device=device),
     }
-    assert torch.equal(torch.stack(params), cat_view(params)) and torch.equal(torch.stack(params), foreach_copy(params))
-    host: dict[str, list[float]] = {name: [] for name in variants}
-    synced: dict[str, list[float]] = {name: [] for name in variants}
+    assert torch.equal(torch.stack(params), _stacked(params)) and torch.equal(torch.stack(params), foreach_copy(params))
     with torch.no_grad():
         for run in variants.values():
             run()
-        for _ in range(args.rounds):
-            for name, run in variants.items():
-                sync()
-                start = time.perf_counter()
-                run()
-                returned = time.perf_counter()
-                sync()
-                host[name].append(returned - start)
-                synced[name].append(time.perf_counter() - start)
+        host, synced = interleaved(variants, args.rounds, sync)
     result = {
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "torch": torch.__version__,
