@@ -5,11 +5,14 @@
   iterated to the end, synchronised before and after (as ``export_host_bench.py``);
 - ``merged_session6_blocks``: the merged export with session 6's block arithmetic (``torch.stack``, a fresh
   delta buffer per block, ``baddbmm`` with alpha = alpha / dim) in place of ``_Group.merged_block``;
+- ``merged_multiply_blocks``: the merged export with A never scaled up front (``_Group.factors``), so every block's
+  product is multiplied by alpha / dim after its ``bmm``, as for a scale that is not a power of two;
 - ``merged_no_compute``: the merged export with every block's merge replaced by a stack of the block's
   parameters prepared beforehand (the stream's Python and upstream's loop without the merge arithmetic);
 - ``merged_no_proxy``: the merged export with the planned adapters left out of upstream's merge but the
   tasks handed on unmerged (wrong values: the cost of the merged stream's set-up alone);
-- ``stream_tasks_only``: the merged stream's task list iterated alone, merges replaced as above;
+- ``stream_tasks_only``: the merged stream's task list iterated alone, each run of planned tasks walked to its
+  last HF tensor (their mappings called on their merged weights), merges replaced as above;
 - ``blocks_only``: every block of every group merged once, nothing else (the merge arithmetic, synchronised);
 - ``plan``: ``merged_stream.plan_tasks`` alone (the per-call check of the cached plan);
 - ``merged_until_return`` / ``blocks_only_until_return``: those two timed to the call's return, before the
@@ -96,6 +99,12 @@ def main() -> None:
     bridge = built.bridge._model_bridge
     tasks = merged_stream.plan_tasks(bridge, built.model, built.bridge.hf_pretrained, None)[0]
 
+    def drain(handed: Any) -> None:
+        for task in handed:
+            if isinstance(task.mapping, merged_stream._RunMapping):
+                for _ in task.mapping.megatron_to_hf(None, None).items():
+                    pass
+
     def blocks_only() -> None:
         for g in groups:
             factors = g.factors()
@@ -121,7 +130,7 @@ def main() -> None:
     def session6_block(self: Any, start: int, stop: int, factors: Any, scratch: Any = None) -> Any:
         """Session 6's block (commit a1ddec3): ``torch.stack``, a fresh delta buffer, one ``baddbmm`` (beta 0,
         alpha = alpha / dim)."""
-        a32, b32 = factors
+        a32, b32 = factors[0], factors[1]  # never scaled up front (with_session6_blocks)
         with torch.no_grad():
             stacked = torch.stack(self.params[start:stop])
             for first, last in self.rows:
@@ -137,20 +146,32 @@ def main() -> None:
                     torch.add(rows, deltas, out=rows)
         return stacked
 
+    real_factors = merged_stream._Group.factors
+
+    def with_multiply_blocks() -> None:
+        merged_stream._Group.factors = lambda self, prescale=None: real_factors(self, False)
+        try:
+            export(True)
+        finally:
+            merged_stream._Group.factors = real_factors
+
     def with_session6_blocks() -> None:
         merged_stream._Group.merged_block = session6_block
+        merged_stream._Group.factors = lambda self, prescale=None: real_factors(self, False)
         try:
             export(True)
         finally:
             merged_stream._Group.merged_block = real_block
+            merged_stream._Group.factors = real_factors
 
     variants = {
         "plain": lambda: export(False),
         "merged": lambda: export(True),
         "merged_session6_blocks": with_session6_blocks,
+        "merged_multiply_blocks": with_multiply_blocks,
         "merged_no_compute": no_compute(lambda: export(True)),
         "merged_no_proxy": no_proxy,
-        "stream_tasks_only": no_compute(lambda: list(tasks)),
+        "stream_tasks_only": no_compute(lambda: drain(tasks)),
         "blocks_only": blocks_only,
         "plan": lambda: merged_stream.plan_tasks(bridge, built.model, built.bridge.hf_pretrained, None),
     }

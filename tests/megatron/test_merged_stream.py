@@ -79,6 +79,62 @@ def merged_stream_worker(hf_config: Any, lora: LoraSettings, dtype_name: str) ->
         out["second"] = dict(counts)
         out["second_planned"] = sum(len(p.entries) for p in merged_stream._plans.values())
         out["warned"] = list(records)
+        plan = next(iter(merged_stream._plans.values()))
+        # consecutive planned tasks reach upstream's loop as one task each run (a layer's attention, its experts)
+        out["handed"], out["tasks"] = len(plan.segments), len(plan.tasks)
+        out["runs"] = sum(run is not None for _, run in plan.segments)
+        out["prescale"] = sorted({g.prescale for g, _ in plan.entries.values()})
+
+        # A scaled up front (a power-of-two scale) only where the values allow it: one nonzero |A| below
+        # 2**-30 sends that group's products through the multiply after the bmm, still bitwise upstream's
+        flags: list[bool] = []
+        real_factors = merged_stream._Group.factors
+
+        def recorded_factors(self: Any, prescale: Any = None) -> Any:
+            result = real_factors(self, prescale)
+            flags.append(result[2])
+            return result
+
+        tiny_a = next(p for n, p in built.model[0].named_parameters()
+                      if n.endswith("layers.1.mlp.experts.local_experts.1.linear_fc1.adapter.linear_in.weight"))
+        saved_a = tiny_a.detach().clone()
+        merged_stream._Group.factors = recorded_factors
+        try:
+            run_export(built, "merged")
+            out["prescaled_flags"] = sorted(flags)
+            flags.clear()
+            with torch.no_grad():
+                tiny_a[0, 0] = 1e-12
+            moe_lora_plugins.deactivate()
+            upstream_tiny = run_export(built, "merged")
+            moe_lora_plugins.activate(role="trainer")
+            out["tiny_equal"] = same(run_export(built, "merged"), upstream_tiny)
+            out["tiny_flags"] = sorted(flags)
+        finally:
+            merged_stream._Group.factors = real_factors
+            with torch.no_grad():
+                tiny_a.copy_(saved_a)
+
+        # a bridge that post-processes each task's HF tensors (overrides maybe_modify_converted_hf_weight): the
+        # planned tasks reach it one by one, as copies holding their merged weights
+        bridge_class = type(built.bridge._model_bridge)
+        calls = {"n": 0}
+
+        def post_process(self: Any, task: Any, converted: Any, hf_state_dict: Any) -> Any:
+            calls["n"] += 1
+            return converted
+
+        had_own = "maybe_modify_converted_hf_weight" in vars(bridge_class)
+        saved_own = vars(bridge_class).get("maybe_modify_converted_hf_weight")
+        bridge_class.maybe_modify_converted_hf_weight = post_process
+        try:
+            out["override_equal"] = same(run_export(built, "merged"), upstream)
+            out["override_calls"] = calls["n"]
+        finally:
+            if had_own:
+                bridge_class.maybe_modify_converted_hf_weight = saved_own
+            else:
+                del bridge_class.maybe_modify_converted_hf_weight
 
         # the stream's tensors of one group are views of one block: no copy per expert
         expert_items = [(n, t) for n, t in built.bridge.export_hf_weights(
@@ -255,6 +311,13 @@ def test_merged_stream_is_bitwise_upstreams(dtype, shared, dim, alpha):
                 "after_abandoned_equal", "new_param_equal", "fallback_equal"):
         assert r[key], (key, r)
     assert r["first_plans"] == 1 and not r["warned"], r
+    # one task per layer's attention run and per layer's expert run
+    assert r["runs"] == 2 * r["layers"] and r["handed"] == r["tasks"] - r["second_planned"] + r["runs"], r
+    power_of_two = alpha / dim in (1.0, 2.0)
+    assert r["prescale"] == [power_of_two], r
+    assert r["prescaled_flags"] == [power_of_two] * 4, r
+    assert r["tiny_equal"] and r["tiny_flags"] == sorted([False] + [power_of_two] * 3), r
+    assert r["override_equal"] and r["override_calls"] == r["tasks"], r
     # the second export: no plan made, no per-tensor merge at all (experts and attention), one block per
     # group (all experts' fc1 of all layers, all fc2, all qkv, all proj) and one walk of the module tree
     assert r["second"] == {"single": 0, "blocks": 4, "plans": 0, "tree_checks": 1}, r

@@ -63,8 +63,8 @@ SPECS = (
             "own: two mapping calls per expert adapter, then float32 copies, one small matmul, a scale, an add "
             "and a cast per tensor (1,536 tensors on the 8-layer, 64-expert anchor model): 3.95x the plain "
             "export on one H200. The per-layer merged stream (merged_stream.py) hands upstream's loop the "
-            "expert and attention weights merged a block at a time: 1.26x-1.46x the plain export on one H200 "
-            "(4.56x with the per-expert batched merge alone)."
+            "expert and attention weights merged a block at a time, each run of them as one task: 1.26x-1.46x "
+            "the plain export on one H200 over six machine starts (4.56x with the per-expert batched merge alone)."
         ),
         upstream="Megatron-Bridge 0.6.2 peft_bridge.MegatronPeftBridge.materialize_adapter_weights and "
         "_merge_lora_adapter_weights / _merge_single_adapter_weight (per expert, per tensor)",
@@ -77,8 +77,10 @@ SPECS = (
         "world size 1, bf16 and fp32, merged exports bitwise upstream's with one block per group and several, "
         "a LoRA scale that is not a power of two (13 / 10), a weight changed mid-stream, a new adapter "
         "parameter, the split-rows and upstream fallbacks (tests/megatron/test_merged_stream.py); 1xH200: the "
-        "anchor model's merged export bitwise upstream's, 0.041-0.044 s against upstream's 0.54-0.70 s, "
-        "1.26x-1.46x the plain export over four machine starts "
+        "anchor model's merged export bitwise upstream's, 0.041-0.051 s against upstream's 0.54-0.70 s, "
+        "1.26x-1.46x the plain export over six machine starts; runs of tasks as one task and A scaled once by "
+        "a power-of-two scale (a tiny value falls back to the multiply, bitwise), a bridge overriding "
+        "maybe_modify_converted_hf_weight handed one task per tensor (tests/megatron/test_merged_stream.py) "
         "(benchmarks/RESULTS-export.md, Latest).",
         requires=tuple(
             f"megatron.bridge.models.conversion.peft_bridge:{name}"
@@ -92,7 +94,9 @@ SPECS = (
         ) + tuple(
             f"megatron.bridge.models.conversion.model_bridge:{name}"
             for name in ("MegatronWeightTuple", "WeightConversionTask", "MegatronModelBridge.build_conversion_tasks",
-                         "MegatronModelBridge.stream_weights_megatron_to_hf", "_get_pp_group")
+                         "MegatronModelBridge.stream_weights_megatron_to_hf",
+                         "MegatronModelBridge.maybe_modify_converted_hf_weight",
+                         "MegatronModelBridge._cast_export_weight_dtype", "_get_pp_group")
         ),
     ),
 )

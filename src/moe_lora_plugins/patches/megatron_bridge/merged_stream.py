@@ -15,7 +15,8 @@ tasks reach upstream's loop as plain tasks whose parameter is already merged:
   adapter whose mappings return the parameters themselves (one pipeline stage, one (expert-)tensor-
   parallel shard, EP size 1) and all members are plain 2-D tensors of one shape, dtype and device;
 - while the stream runs, at a group's first member the group's A and B are stacked in float32 (upstream
-  casts each to float32 before its product: exact), and at the first member of each block the block's
+  casts each to float32 before its product: exact; A also multiplied once by a power-of-two alpha / dim where
+  the values make that exactly upstream's scaled product, ``_Group.factors``), and at the first member of each block the block's
   parameters are stacked (one ``cat``, one copy) and, per row range, ``scale * (B @ A)`` in float32 (one
   ``bmm`` into a scratch buffer the export reuses, then one multiply by alpha / dim: upstream's
   ``lora_scale * (linear_out @ linear_in)``, the product rounded, then scaled) is added and rounded once
@@ -23,11 +24,17 @@ tasks reach upstream's loop as plain tasks whose parameter is already merged:
   The row range is all of B's rows where that is bitwise upstream's merge; else the ranges upstream
   merges one by one (gate and up of a fused fc1, split as upstream's ``_split_fused_fc1_linear_out_weight``
   splits B);
-- each wrapped task is handed to upstream as a copy whose ``param_weight`` is its slice of the stacked
-  block, so upstream's own mapping turns it into the HF tensors (views of the block) and upstream's
-  loop does the plain export's work for it. A member whose parameter, A or B changed in place since
-  its group's factors were read (its version counter moved) is merged alone by upstream's
-  ``_merge_single_adapter_weight``, from its values of then, as upstream would;
+- each run of consecutive planned tasks (a layer's attention projections, a layer's experts) reaches
+  upstream's loop as one task whose mapping returns an object upstream only calls ``items()`` on: it walks
+  the run's tasks in order and, as upstream asks for the next item, hands each task's slice of its
+  stacked block to the task's own mapping, whose HF tensors (views of the block) upstream then finishes as
+  a plain export does (export hook, device). That is upstream's stream item for item, with upstream's
+  per-task loop body run once per run instead of once per task. Where the bridge post-processes each
+  task's HF tensors (it overrides ``maybe_modify_converted_hf_weight``: DeepSeek-V3, GLM-4.7-Flash, ...)
+  each planned task is handed over alone, as a copy whose ``param_weight`` is its slice of the block. A
+  member whose parameter, A or B changed in place since its group's factors were read (its version counter
+  moved) is merged alone by upstream's ``_merge_single_adapter_weight``, from its values of then, as
+  upstream would;
 - those adapters are left out of the merge tasks upstream builds for this stream (through the
   adapter-task cache); if upstream did not ask for them before its first item, the stream raises
   before yielding anything, since it could merge them a second time.
@@ -105,7 +112,8 @@ class _Scratch:
 class _Group:
     """The members of one (virtual stage, projection of every layer / expert), in stream order."""
 
-    __slots__ = ("alpha", "blocks", "dim", "key", "last", "lora_a", "lora_b", "params", "rows", "scale", "split_rows")
+    __slots__ = ("alpha", "blocks", "dim", "key", "last", "lora_a", "lora_b", "params", "prescale", "rows", "scale",
+                 "split_rows")
 
     def __init__(self, key: tuple[Any, ...], params: list[Any], lora_a: list[Any], lora_b: list[Any],
                  alpha: Any, dim: Any, split_rows: list[tuple[int, int]]) -> None:
@@ -113,6 +121,9 @@ class _Group:
         self.last = len(params) - 1
         self.alpha, self.dim = alpha, dim
         self.scale = alpha / dim  # LoRAMerge.merge's alpha / dim
+        # whether A may be scaled once instead of every block's product (a power of two: see ``factors``); cleared
+        # where the check finds that path is not upstream's merge
+        self.prescale = _power_of_two(self.scale)
         self.split_rows = split_rows  # the row ranges upstream merges one by one (gate, up; or all rows)
         self.rows: list[tuple[int, int]] = []
         self.blocks: list[tuple[int, int]] = []
@@ -136,23 +147,43 @@ class _Group:
                 return start, stop
         raise IndexError(member)
 
-    def factors(self) -> tuple[Any, Any]:
-        """Every member's A and B stacked in float32 on the parameters' device (their values of now)."""
+    def factors(self, prescale: bool | None = None) -> tuple[Any, Any, bool]:
+        """Every member's A and B stacked in float32 on the parameters' device (their values of now), and whether
+        A is already scaled by alpha / dim.
+
+        With ``prescale`` (default: ``self.prescale``) and a power-of-two scale, A is multiplied by it here, once,
+        instead of every block's product after its ``bmm`` (one pass over the float32 deltas less per block). That
+        is upstream's ``lora_scale * (B @ A)`` bit for bit where no value of the product is subnormal or overflows:
+        multiplying by a power of two is then exact and commutes with every rounding of the product, whatever the
+        order of its sums. Made sure of from the values (one synchronisation per group): every nonzero |A| and |B|
+        is at least 2**-30, so every product term and partial sum, scaled or not, is zero or a multiple of 2**-126
+        (normal), and max|A| * max|B| * rank * scale stays far below the float32 range. A scale of 1 needs no
+        multiply at all. Otherwise A is returned unscaled."""
         import torch
 
         device = self.params[0].device
         with torch.no_grad():
-            return (_stacked(self.lora_a).to(device=device, dtype=torch.float32),
-                    _stacked(self.lora_b).to(device=device, dtype=torch.float32))
+            a32 = _stacked(self.lora_a).to(device=device, dtype=torch.float32)
+            b32 = _stacked(self.lora_b).to(device=device, dtype=torch.float32)
+            if not (self.prescale if prescale is None else prescale) or not _power_of_two(self.scale):
+                return a32, b32, False
+            if self.scale == 1.0:
+                return a32, b32, True
+            if not _exactly_scalable(a32, b32, self.scale):
+                return a32, b32, False
+            a32.mul_(self.scale)
+            return a32, b32, True
 
-    def merged_block(self, start: int, stop: int, factors: tuple[Any, Any], scratch: _Scratch | None = None) -> Any:
+    def merged_block(self, start: int, stop: int, factors: tuple[Any, Any, bool],
+                     scratch: _Scratch | None = None) -> Any:
         """Members ``start .. stop - 1``'s merged parameters, stacked ``(stop - start, out, in)``: per row range
         one ``bmm`` of the float32 factors and one multiply by alpha / dim (upstream's ``lora_scale * (B @ A)``,
-        the product checked bitwise per shape), then one add rounded to the parameters' dtype. The float32
-        deltas go to ``scratch`` (one buffer an export reuses, in stream order) or a fresh buffer."""
+        the product checked bitwise per shape; none where A is scaled already, see ``factors``), then one add
+        rounded to the parameters' dtype. The float32 deltas go to ``scratch`` (one buffer an export reuses, in
+        stream order) or a fresh buffer."""
         import torch
 
-        a32, b32 = factors
+        a32, b32, prescaled = factors
         with torch.no_grad():
             stacked = _stacked(self.params[start:stop])
             a_block = a32[start:stop]
@@ -162,7 +193,8 @@ class _Group:
                 shape = (stop - start, last - first, a32.shape[2])
                 deltas = (scratch or _Scratch()).take(shape, stacked.device)
                 torch.bmm(b_block, a_block, out=deltas)
-                deltas.mul_(self.scale)
+                if not prescaled:
+                    deltas.mul_(self.scale)
                 if first == 0 and last == stacked.shape[1]:
                     stacked.add_(deltas)
                 else:
@@ -189,14 +221,14 @@ class _Group:
                     param[first:last], self.alpha, self.dim, lora_a, lora_b[first:last])
         return merged
 
-    def signature(self, mapping: Any, start: int, stop: int) -> tuple[Any, ...]:
+    def signature(self, mapping: Any, start: int, stop: int, prescaled: bool) -> tuple[Any, ...]:
         param, a, b = self.params[0], self.lora_a[0], self.lora_b[0]
         return (param.device, param.dtype, a.dtype, b.dtype, stop - start, tuple(param.shape), tuple(a.shape),
-                tuple(b.shape), tuple(self.rows), type(mapping), self.scale)
+                tuple(b.shape), tuple(self.rows), type(mapping), self.scale, prescaled)
 
 
 class _Plan:
-    __slots__ = ("by_position", "entries", "prefixes", "tasks")
+    __slots__ = ("by_position", "entries", "prefixes", "segments", "tasks")
 
     def __init__(self, tasks: list[Any], entries: dict[int, tuple[_Group, int]], prefixes: frozenset[str]) -> None:
         self.tasks, self.entries, self.prefixes = tasks, entries, prefixes
@@ -204,6 +236,18 @@ class _Plan:
         self.by_position = [None if (hit := entries.get(id(task))) is None else
                             (hit[0], hit[1], hit[0].params[hit[1]], hit[0].lora_a[hit[1]], hit[0].lora_b[hit[1]])
                             for task in tasks]
+        # in stream order: (a task not planned, None), or (the first task of a run of consecutive planned tasks
+        # that upstream finishes alike, [(task, group, member, parameter, A, B) of each])
+        self.segments: list[tuple[Any, list[tuple[Any, ...]] | None]] = []
+        for task, hit in zip(tasks, self.by_position, strict=True):
+            if hit is None:
+                self.segments.append((task, None))
+                continue
+            last = self.segments[-1] if self.segments else None
+            if last is not None and last[1] is not None and _finished_alike(last[0], task):
+                last[1].append((task, *hit))
+            else:
+                self.segments.append((task, [(task, *hit)]))
 
     def made_for(self, tasks: list[Any]) -> bool:
         return len(tasks) == len(self.tasks) and all(map(operator.is_, tasks, self.tasks))
@@ -212,6 +256,34 @@ class _Plan:
 _plans: weakref.WeakKeyDictionary[Any, _Plan] = weakref.WeakKeyDictionary()
 # signature -> whether the batched block equals upstream's merge, expert for expert
 _verified: dict[tuple[Any, ...], bool] = {}
+
+
+def _power_of_two(scale: float) -> bool:
+    """``scale`` is 2**k for an integer k in [-20, 20] (the range ``factors``' bound is worked out for)."""
+    import math
+
+    mantissa, exponent = math.frexp(scale)
+    return mantissa == 0.5 and -19 <= exponent <= 21
+
+
+_SMALLEST = 2.0 ** -30  # nonzero |A| and |B| at least this: products and partial sums stay normal (``factors``)
+_LARGEST = 2.0 ** 100  # max|A| * max|B| * rank * scale below this: nothing overflows
+
+
+def _exactly_scalable(a32: Any, b32: Any, scale: float) -> bool:
+    """Whether scaling A by the power of two ``scale`` before ``B @ A`` is exactly scaling the product after it
+    (``_Group.factors``): one synchronisation."""
+    import torch
+
+    def smallest_nonzero(values: Any) -> Any:
+        magnitude = values.abs()
+        return magnitude.masked_fill_(magnitude == 0, float("inf")).amin()
+
+    bounds = torch.stack([a32.abs().amax(), b32.abs().amax(), smallest_nonzero(a32), smallest_nonzero(b32)])
+    largest_a, largest_b, smallest_a, smallest_b = bounds.tolist()
+    rank = a32.shape[1]
+    return (smallest_a >= _SMALLEST and smallest_b >= _SMALLEST
+            and largest_a * largest_b * rank * max(scale, 1.0) < _LARGEST)
 
 
 def _stacked(tensors: list[Any]) -> Any:
@@ -319,39 +391,48 @@ def _verify(instance: Any, models: Any, group: _Group, tasks: list[Any], adapter
 
 def _verify_rows(instance: Any, models: Any, group: _Group, tasks: list[Any], adapters: list[Any]) -> bool:
     """Every block shape of ``group`` checked once per process: its merged members, through upstream's
-    mapping, bitwise upstream's ``_merge_lora_adapter_weights`` of upstream's mapping output."""
+    mapping, bitwise upstream's ``_merge_lora_adapter_weights`` of upstream's mapping output; with A scaled by a
+    power-of-two scale up front (``_Group.factors``) too, which is dropped for the group where it differs."""
+    factors: dict[bool, Any] = {}
+    for start, stop in group.blocks:
+        for prescale in ((False, True) if group.prescale else (False,)):
+            signature = group.signature(tasks[0].mapping, start, stop, prescale)
+            equal = _verified.get(signature)
+            if equal is None:
+                if prescale not in factors:
+                    factors[prescale] = group.factors(prescale)
+                if factors[prescale][2] != prescale:  # these values may not be scaled up front: left unchecked,
+                    group.prescale = False  # so the group keeps the multiply after each product
+                    continue
+                equal = _verified[signature] = _block_is_upstreams(
+                    instance, models, group.merged_block(start, stop, factors[prescale]), start, tasks, adapters)
+                if not equal:
+                    log.info("moe-lora-plugins: merged-stream block %s is not upstream's merge", signature)
+            if not equal and not prescale:
+                return False
+            if not equal:
+                group.prescale = False
+    return True
+
+
+def _block_is_upstreams(instance: Any, models: Any, block: Any, start: int, tasks: list[Any],
+                        adapters: list[Any]) -> bool:
     import torch
     from megatron.bridge.models.conversion.model_bridge import MegatronWeightTuple
     from megatron.bridge.models.conversion.peft_bridge import AdapterWeight
 
-    factors = None
-    for start, stop in group.blocks:
-        signature = group.signature(tasks[0].mapping, start, stop)
-        if signature in _verified:
-            if not _verified[signature]:
-                return False
-            continue
-        factors = factors or group.factors()
-        block = group.merged_block(start, stop, factors)
-        equal = True
-        for member in range(start, stop):
-            task, adapter = tasks[member], adapters[member]
-            linear_in, linear_out = adapter.linear_in_task, adapter.linear_out_task
-            materialized = AdapterWeight(
-                global_base_prefix=adapter.global_base_prefix, adapter_key=None, alpha=adapter.alpha, dim=adapter.dim,
-                linear_in_weight=MegatronWeightTuple(linear_in.param_name, linear_in.param_weight, linear_in.vp_stage),
-                linear_out_weight=MegatronWeightTuple(linear_out.param_name, linear_out.param_weight,
-                                                      linear_out.vp_stage),
-            )
-            base = dict(task.mapping.megatron_to_hf(task.param_weight, task.megatron_module))
-            reference = instance._merge_lora_adapter_weights(models, base, [materialized])
-            ours = task.mapping.megatron_to_hf(block[member - start], task.megatron_module)
-            if list(ours) != list(reference) or not all(torch.equal(ours[n], reference[n]) for n in reference):
-                equal = False
-                break
-        _verified[signature] = equal
-        if not equal:
-            log.info("moe-lora-plugins: merged-stream block %s is not upstream's merge", signature)
+    for member in range(start, start + block.shape[0]):
+        task, adapter = tasks[member], adapters[member]
+        linear_in, linear_out = adapter.linear_in_task, adapter.linear_out_task
+        materialized = AdapterWeight(
+            global_base_prefix=adapter.global_base_prefix, adapter_key=None, alpha=adapter.alpha, dim=adapter.dim,
+            linear_in_weight=MegatronWeightTuple(linear_in.param_name, linear_in.param_weight, linear_in.vp_stage),
+            linear_out_weight=MegatronWeightTuple(linear_out.param_name, linear_out.param_weight, linear_out.vp_stage),
+        )
+        base = dict(task.mapping.megatron_to_hf(task.param_weight, task.megatron_module))
+        reference = instance._merge_lora_adapter_weights(models, base, [materialized])
+        ours = task.mapping.megatron_to_hf(block[member - start], task.megatron_module)
+        if list(ours) != list(reference) or not all(torch.equal(ours[n], reference[n]) for n in reference):
             return False
     return True
 
@@ -427,42 +508,135 @@ def plan_tasks(instance: Any, models: Any, hf_pretrained: Any, conversion_tasks:
     return _MergedTasks(instance, tasks, plan), plan.prefixes, checked
 
 
+def _finished_alike(first: Any, task: Any) -> bool:
+    """Whether upstream's loop does the same with ``task``'s HF tensors as with ``first``'s once they are made
+    (same export hook, same export dtype), so that both may reach it as one task."""
+    return (getattr(task, "export_hook", None) is getattr(first, "export_hook", None)
+            and getattr(task, "weight_dtype", None) == getattr(first, "weight_dtype", None))
+
+
+def _runs_allowed(instance: Any) -> bool:
+    """A run of planned tasks may reach upstream's loop as one task where the bridge post-processes the HF
+    tensors of a task as Megatron-Bridge's base class does (not at all): a bridge that overrides
+    ``maybe_modify_converted_hf_weight`` (DeepSeek-V3, GLM-4.7-Flash, ...) gets one task per tensor."""
+    from megatron.bridge.models.conversion.model_bridge import MegatronModelBridge
+
+    base = MegatronModelBridge.maybe_modify_converted_hf_weight
+    return (getattr(type(instance), "maybe_modify_converted_hf_weight", None) is base
+            and "maybe_modify_converted_hf_weight" not in getattr(instance, "__dict__", {}))
+
+
+class _Merging:
+    """One stream's merge state: each group's current block of merged parameters, its stacked factors and
+    its members' versions when those were read, and the float32 scratch buffer of its products."""
+
+    __slots__ = ("instance", "live", "scratch")
+
+    def __init__(self, instance: Any) -> None:
+        self.instance = instance
+        # group -> [block start, block stop, the block's members' merged parameters, stacked factors,
+        #           every member's versions when the factors were read]
+        self.live: dict[_Group, list[Any]] = {}
+        self.scratch = _Scratch()  # freed with the stream
+
+    def merged(self, group: _Group, member: int, param: Any, lora_a: Any, lora_b: Any) -> Any:
+        """``member``'s merged parameter: its slice of its block, or (changed in place since its group's factors
+        were read, as upstream would see it) merged alone by upstream's own merge."""
+        live = self.live
+        state = live.get(group)
+        if state is None:
+            versions = group.versions()  # before the factors and parameters are read
+            state = live[group] = [-1, -1, (), group.factors(), versions]
+        if not state[0] <= member < state[1]:
+            start, stop = group.block_of(member)
+            state[:3] = [start, stop, group.merged_block(start, stop, state[3], self.scratch).unbind(0)]
+        if state[4][member] == (param._version, lora_a._version, lora_b._version):
+            merged = state[2][member - state[0]]
+        else:
+            merged = group.merged_alone(self.instance, member)
+        if member == group.last:
+            del live[group]  # the group's last member: its block is the caller's now, its factors freed
+        return merged
+
+
+class _RunWeights:
+    """What upstream's loop gets from a run's ``megatron_to_hf``: ``items()`` walks the run's tasks in order and,
+    as upstream asks for the next item, merges each (its block computed when its first member is reached) and
+    yields what the task's own mapping makes of its merged parameter. Upstream's 0.6 loop only calls
+    ``items()`` on it (through ``maybe_modify_converted_hf_weight`` and ``_cast_export_weight_dtype``, which hand it
+    on); anything else means the loop changed, and is refused."""
+
+    __slots__ = ("merging", "run")
+
+    def __init__(self, run: list[tuple[Any, ...]], merging: _Merging) -> None:
+        self.run, self.merging = run, merging
+
+    def items(self) -> Iterator[tuple[str, Any]]:
+        merged = self.merging.merged
+        for task, group, member, param, lora_a, lora_b in self.run:
+            weight = merged(group, member, param, lora_a, lora_b)
+            yield from task.mapping.megatron_to_hf(weight, task.megatron_module).items()
+
+    def __getattr__(self, name: str) -> Any:
+        from moe_lora_plugins.errors import MoeLoraError
+
+        raise MoeLoraError(
+            f"the per-layer merged export's run of tasks was used through {name!r}, not items(): Megatron-Bridge's "
+            "export loop changed. Disable the patch with MOELORA_DISABLED_PATCHES=megatron_bridge.batched_expert_merge "
+            "and report it to moe-lora-plugins."
+        )
+
+
+class _RunMapping:
+    """The mapping of a run's task: ``megatron_to_hf`` returns the run's :class:`_RunWeights`; any other
+    attribute is the first task's mapping's (upstream reads ``is_grouped_export``)."""
+
+    __slots__ = ("first", "weights")
+
+    def __init__(self, first: Any, weights: _RunWeights) -> None:
+        self.first, self.weights = first, weights
+
+    def megatron_to_hf(self, megatron_weights: Any, megatron_module: Any) -> _RunWeights:
+        return self.weights
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.first, name)
+
+
 class _MergedTasks:
-    """Upstream's task list, with each planned expert task handed out as a copy holding its merged weight."""
+    """Upstream's task list with the planned tasks merged: each run of consecutive planned tasks handed out
+    as one task whose mapping makes every member's HF tensors from its merged weight, in upstream's order (or,
+    for a bridge that post-processes each task's tensors, each planned task as a copy holding its merged
+    weight)."""
 
     def __init__(self, instance: Any, tasks: list[Any], plan: _Plan) -> None:
         self._instance, self._tasks, self._plan = instance, tasks, plan
+        self._runs = _runs_allowed(instance)
 
     def __len__(self) -> int:
-        return len(self._tasks)
+        return len(self._plan.segments) if self._runs else len(self._tasks)
 
     def __iter__(self) -> Iterator[Any]:
         new_task = object.__new__
-        # group -> [block start, block stop, the block's members' merged parameters, stacked factors,
-        #           every member's versions when the factors were read]
-        live: dict[_Group, list[Any]] = {}
-        scratch = _Scratch()  # freed with this generator
+        merging = _Merging(self._instance)
+        if self._runs:
+            for task, run in self._plan.segments:
+                if run is None:
+                    yield task
+                    continue
+                proxy = new_task(type(task))
+                proxy.__dict__.update(task.__dict__)
+                proxy.__dict__["mapping"] = _RunMapping(task.mapping, _RunWeights(run, merging))
+                yield proxy
+            return
+        merged = merging.merged
         for task, hit in zip(self._tasks, self._plan.by_position, strict=True):
             if hit is None:
                 yield task
                 continue
-            group, member, param, lora_a, lora_b = hit
-            state = live.get(group)
-            if state is None:
-                versions = group.versions()  # before the factors and parameters are read
-                state = live[group] = [-1, -1, (), group.factors(), versions]
-            if not state[0] <= member < state[1]:
-                start, stop = group.block_of(member)
-                state[:3] = [start, stop, group.merged_block(start, stop, state[3], scratch).unbind(0)]
-            if state[4][member] == (param._version, lora_a._version, lora_b._version):
-                merged = state[2][member - state[0]]
-            else:  # changed in place since its factors were read (upstream would see it): upstream's own merge
-                merged = group.merged_alone(self._instance, member)
             proxy = new_task(type(task))
             proxy.__dict__.update(task.__dict__)
-            proxy.__dict__["param_weight"] = merged
-            if member == group.last:
-                del live[group]  # the group's last member: its block is the caller's now, its factors freed
+            proxy.__dict__["param_weight"] = merged(*hit)
             yield proxy
 
 
