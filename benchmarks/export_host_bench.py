@@ -151,6 +151,8 @@ def run(rounds: int = 7, tiny: bool = False, anchor_counts: bool = False) -> dic
 
     # the tasks the per-layer merged stream merges itself (0: none qualified or passed the bitwise check)
     result["merged_stream_planned_tasks"] = sum(len(plan.entries) for plan in merged_stream._plans.values())
+    stream_groups = {id(g): g for plan in merged_stream._plans.values() for g, _ in plan.entries.values()}.values()
+    result["merged_stream_groups"] = {g.key[1]: {"fused": g.fused, "blocks": len(g.blocks)} for g in stream_groups}
     result["merged_stream_checked_shapes"] = {str(k): v for k, v in merged_stream._verified.items()}
     result["profile_patched_host_plain"] = _profile(built)
     result["profile_patched_host_merged"] = _profile(built, "host_merged")

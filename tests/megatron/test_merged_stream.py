@@ -389,3 +389,138 @@ def test_merged_stream_peak_is_bounded_by_its_blocks():
     # that here), plus page slack; far below a copy of the model
     bound = r["groups"] * r["largest_block"] + 2 * r["budget"] + (4 << 20)
     assert extra <= bound < r["model_bytes"], r
+
+
+def fused_stream_worker(hf_config: Any, lora: LoraSettings, dtype_name: str, exact: bool) -> dict[str, Any]:
+    """The merged stream with the fused merge kernel (``merge/fused.py``) run by Triton's interpreter on the CPU.
+    ``exact``: every value a small multiple of a power of two, so that every sum is exact in float32 whatever
+    its order and the interpreter's arithmetic is upstream's bit for bit: the kernel passes the check and
+    merges every group. Otherwise (bf16, values of ``fill_from_global_names``): the interpreter rounds float32
+    to bf16 toward zero, the check finds its blocks differ from upstream's and the group goes to the bmm
+    blocks, still bitwise upstream's."""
+    import logging
+    import os
+
+    import torch
+
+    import moe_lora_plugins
+    from moe_lora_plugins.merge import fused
+    from moe_lora_plugins.patches.megatron_bridge import merged_stream
+    from moe_lora_plugins.testing.tiny_models import build_lora_model, fill_from_global_names, run_export
+
+    built = build_lora_model(hf_config, ParallelLayout(), lora, dtype=getattr(torch, dtype_name))
+    fill_from_global_names(built)
+    generator = torch.Generator().manual_seed(7)
+    if exact:
+        with torch.no_grad():
+            for name, param in built.model[0].named_parameters():
+                if name.endswith((".linear_in.weight", ".linear_out.weight")):  # A, B: k / 16, |k| <= 4
+                    param.copy_(torch.randint(-4, 5, param.shape, generator=generator) / 16)
+                elif name.endswith(".to_wrap.weight"):  # base: k / 256, |k| <= 64
+                    param.copy_(torch.randint(-64, 65, param.shape, generator=generator) / 256)
+
+    def same(a: list, b: list) -> bool:
+        return [n for n, _ in a] == [n for n, _ in b] and all(
+            torch.equal(x, y) for (_, x), (_, y) in zip(a, b, strict=True))
+
+    launches = {"n": 0}
+    real_merge_many = fused.merge_many
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        launches["n"] += 1
+        return real_merge_many(*args, **kwargs)
+
+    fused.merge_many = counted
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(f"{record.levelname}: {record.getMessage()}")  # type: ignore[method-assign]
+    logger = logging.getLogger(merged_stream.__name__)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    out: dict[str, Any] = {"available": fused.available(torch.device("cpu"))}
+    try:
+        moe_lora_plugins.deactivate()
+        upstream = run_export(built, "merged")
+        moe_lora_plugins.activate(role="trainer")
+        out["first_equal"] = same(run_export(built, "merged"), upstream)
+        plan = next(iter(merged_stream._plans.values()))
+        groups = list({id(g): g for g, _ in plan.entries.values()}.values())
+        out["planned"], out["groups"] = len(plan.entries), len(groups)
+        out["fused"] = sorted(g.fused for g in groups)
+        launches["n"] = 0
+        out["second_equal"] = same(run_export(built, "merged"), upstream)
+        out["launches"] = launches["n"]
+        out["fused_blocks"] = sum(len(g.blocks) for g in groups if g.fused)
+        out["logged"] = list(records)
+
+        # a parameter and an A moved (``.data`` replaced, as an offload and reload does), the A's values doubled:
+        # the address table is made again, the new values merged
+        module = next(m for n, m in built.model[0].named_modules()
+                      if n.endswith("layers.1.mlp.experts.local_experts.2.linear_fc1.adapter.linear_in"))
+        base = next(p for n, p in built.model[0].named_parameters()
+                    if n.endswith("layers.1.mlp.experts.local_experts.3.linear_fc2.to_wrap.weight"))
+        tables = {id(g): g.table for g in groups}
+        with torch.no_grad():
+            module.weight.data = module.weight.data * 2
+            base.data = base.data.clone()
+        moe_lora_plugins.deactivate()
+        upstream_moved = run_export(built, "merged")
+        moe_lora_plugins.activate(role="trainer")
+        out["moved_equal"] = same(run_export(built, "merged"), upstream_moved)
+        out["moved_changed"] = not same(upstream_moved, upstream)
+        out["tables_made_again"] = sum(g.fused and g.table is not tables[id(g)] for g in groups)
+
+        def fused_flags() -> list[bool]:
+            return sorted({g.fused for plan in merged_stream._plans.values() for g, _ in plan.entries.values()})
+
+        # switched off: the bmm blocks, no launch
+        os.environ["MOELORA_FUSED_MERGE"] = "off"
+        merged_stream._plans.clear()
+        merged_stream._verified.clear()
+        launches["n"] = 0
+        try:
+            out["off_equal"] = same(run_export(built, "merged"), upstream_moved)
+            out["off_fused"], out["off_launches"] = fused_flags(), launches["n"]
+        finally:
+            del os.environ["MOELORA_FUSED_MERGE"]
+
+        # the kernel failing (as Triton can where it cannot compile for the device): a warning, the bmm blocks
+        def failing(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("no compiler for this device")
+
+        fused.merge_many = failing
+        merged_stream._plans.clear()
+        merged_stream._verified.clear()
+        records.clear()
+        out["failed_equal"] = same(run_export(built, "merged"), upstream_moved)
+        out["failed_fused"] = fused_flags()
+        out["failed_warned"] = sum(line.startswith("WARNING") and "fused merge kernel failed" in line
+                                   for line in records)
+    finally:
+        fused.merge_many = real_merge_many
+        logger.removeHandler(handler)
+    return out
+
+
+@pytest.mark.parametrize("dtype,exact", [("float32", True), ("bfloat16", False)], ids=["fp32-exact", "bf16"])
+def test_merged_stream_fused_kernel_interpreted(dtype, exact, monkeypatch):
+    pytest.importorskip("triton")
+    # the interpreter is chosen as Triton's library functions are made, at its import: set in the environment
+    # the rank's process starts with
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    config = tiny_qwen3_moe_config(num_hidden_layers=2, num_experts=8)
+    lora = LoraSettings(dim=4, alpha=8, share_expert_adapters=False)
+    [r] = run_distributed(fused_stream_worker, 1, (config, lora, dtype, exact), timeout_s=600)
+    assert r["available"], r
+    for key in ("first_equal", "second_equal", "moved_equal", "off_equal", "failed_equal"):
+        assert r[key], (key, r)
+    assert r["off_fused"] == [False] and r["off_launches"] == 0, r
+    assert r["failed_fused"] == [False] and r["failed_warned"] == 4, r
+    assert r["moved_changed"] and r["groups"] == 4, r
+    assert not any(line.startswith("WARNING") for line in r["logged"]), r
+    if exact:  # every group merged by the kernel, one launch per block, the two moved members' tables remade
+        assert r["fused"] == [True] * 4 and r["launches"] == r["fused_blocks"] > 0, r
+        assert r["tables_made_again"] == 2, r
+    else:  # the interpreter's bf16 rounding is not upstream's: found by the check, every group on bmm blocks
+        assert r["fused"] == [False] * 4 and r["launches"] == 0, r
+        assert sum("fused merge kernel's blocks differ" in line for line in r["logged"]) == 4, r

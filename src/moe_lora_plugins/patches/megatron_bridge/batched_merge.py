@@ -63,8 +63,9 @@ SPECS = (
             "own: two mapping calls per expert adapter, then float32 copies, one small matmul, a scale, an add "
             "and a cast per tensor (1,536 tensors on the 8-layer, 64-expert anchor model): 3.95x the plain "
             "export on one H200. The per-layer merged stream (merged_stream.py) hands upstream's loop the "
-            "expert and attention weights merged a block at a time, each run of them as one task: 1.26x-1.46x "
-            "the plain export on one H200 over six machine starts (4.56x with the per-expert batched merge alone)."
+            "expert and attention weights merged a block at a time (one fused Triton launch per block on a CUDA "
+            "device), each run of them as one task: 1.10x-1.17x the plain export on one H200 over two machine "
+            "starts with the fused kernel, 1.26x-1.46x without it (4.56x with the per-expert batched merge alone)."
         ),
         upstream="Megatron-Bridge 0.6.2 peft_bridge.MegatronPeftBridge.materialize_adapter_weights and "
         "_merge_lora_adapter_weights / _merge_single_adapter_weight (per expert, per tensor)",
@@ -81,7 +82,12 @@ SPECS = (
         "1.26x-1.46x the plain export over six machine starts; runs of tasks as one task and A scaled once by "
         "a power-of-two scale (a tiny value falls back to the multiply, bitwise), a bridge overriding "
         "maybe_modify_converted_hf_weight handed one task per tensor (tests/megatron/test_merged_stream.py) "
-        "(benchmarks/RESULTS-export.md, Latest).",
+        "(benchmarks/RESULTS-export.md). Fused merge kernel (merge/fused.py, Triton 3.6 on torch 2.11, 1xH200): "
+        "bitwise upstream's _merge_single_adapter_weight in 14 cases (anchor shapes, ranks 8-64, scales 0.5 / "
+        "1.3 / 2, bf16 / fp16 / fp32, benchmarks/fused_merge_probe.py); the anchor model's merged export bitwise "
+        "upstream's with all 4 groups fused, 1.10x-1.17x the plain export; Triton's interpreter on the CPU: "
+        "exact values bitwise through the fused path, a moved parameter, the switch, a failing kernel and "
+        "the interpreter's own bf16 rounding sent to the bmm blocks (tests/megatron/test_merged_stream.py).",
         requires=tuple(
             f"megatron.bridge.models.conversion.peft_bridge:{name}"
             for name in ("AdapterWeight", "RowParallelMapping", "ColumnParallelMapping",

@@ -14,6 +14,13 @@ tasks reach upstream's loop as plain tasks whose parameter is already merged:
   all layers, all fc2, all qkv, all proj). A member qualifies where its adapter is one non-canonical
   adapter whose mappings return the parameters themselves (one pipeline stage, one (expert-)tensor-
   parallel shard, EP size 1) and all members are plain 2-D tensors of one shape, dtype and device;
+- on a CUDA device with Triton (``MOELORA_FUSED_MERGE``, on by default), each block is merged by one launch of
+  the fused kernel (``merge.fused``): it reads every member's parameter, A and B where they lie (a table of
+  their addresses, made again where one moved) and computes upstream's operations in upstream's order per
+  element (float32 factors, the product over the rank, times alpha / dim, plus the float32 base, rounded
+  to the parameters' dtype) into one fresh stacked block, with no stacking, factors or float32 deltas; its
+  blocks hold up to ``FUSED_BLOCK_BUDGET_BYTES`` of merged parameters. Where it cannot run, or its blocks
+  are not upstream's (checked as below), the group takes the bmm blocks:
 - while the stream runs, at a group's first member the group's A and B are stacked in float32 (upstream
   casts each to float32 before its product: exact; A also multiplied once by a power-of-two alpha / dim where
   the values make that exactly upstream's scaled product, ``_Group.factors``), and at the first member of each block the block's
@@ -46,10 +53,14 @@ product differ, the split ranges are tried; a group whose block still differs by
 upstream's path (and the batched per-expert merge below it), with a warning.
 
 Not noticed (as in ``batched_merge``): a value changed through ``.data`` (no version bump) while one
-export is streaming. Memory (an accelerator, the 8-layer anchor model): each group holds one block of
-stacked merged parameters while its members stream (they are what the stream yields, so they live as
-long as the caller holds one of its tensors); a block is sized so that one row range's float32 deltas
-stay under ``BLOCK_BUDGET_BYTES``; a group's stacked factors live from its first member to its last.
+export is streaming (a tensor whose ``.data`` was replaced between exports is: the fused kernel's address
+table is checked per block). Memory (an accelerator, the 8-layer anchor model): each group holds one block
+of stacked merged parameters while its members stream (they are what the stream yields, so they live as
+long as the caller holds one of its tensors; a group's last block is released before its next is made); a
+block is sized so that one row range's float32 deltas stay under ``BLOCK_BUDGET_BYTES`` (the fused kernel:
+its merged parameters under ``FUSED_BLOCK_BUDGET_BYTES``); a group's stacked factors (bmm blocks only) live
+from its first member to its last. On one H200 the merged export's peak is 1,136 MiB with the fused kernel,
+770 MiB with ``MOELORA_MERGE_BLOCK_MIB=256`` (``benchmarks/RESULTS-export.md``).
 """
 
 from __future__ import annotations
@@ -68,6 +79,10 @@ _WRAPPED = ".to_wrap.weight"
 # float32 deltas of one row range of one block, at most (balanced blocks of at least one member)
 BLOCK_BUDGET_BYTES = 256 << 20  # on an accelerator (MOELORA_MERGE_BLOCK_MIB): 21 experts' fc1 at the anchor shapes
 CPU_BLOCK_BUDGET_BYTES = 4 << 20  # on the CPU large fresh buffers cost page faults and the matmul dominates
+# merged parameters of one block, at most, where the fused kernel merges (it needs no float32 deltas): 85
+# experts' fc1 at the anchor shapes, 11 launches for the anchor model's experts instead of 20 at 256 MiB (each
+# launch costs about 0.1 ms of host time on the H200 hosts)
+FUSED_BLOCK_BUDGET_BYTES = 512 << 20
 _INDEX = re.compile(r"\.\d+\.")
 
 
@@ -112,8 +127,8 @@ class _Scratch:
 class _Group:
     """The members of one (virtual stage, projection of every layer / expert), in stream order."""
 
-    __slots__ = ("alpha", "blocks", "dim", "key", "last", "lora_a", "lora_b", "params", "prescale", "rows", "scale",
-                 "split_rows")
+    __slots__ = ("alpha", "blocks", "dim", "fused", "key", "last", "lora_a", "lora_b", "params", "prescale", "rows",
+                 "scale", "split_rows", "table")
 
     def __init__(self, key: tuple[Any, ...], params: list[Any], lora_a: list[Any], lora_b: list[Any],
                  alpha: Any, dim: Any, split_rows: list[tuple[int, int]]) -> None:
@@ -127,12 +142,42 @@ class _Group:
         self.split_rows = split_rows  # the row ranges upstream merges one by one (gate, up; or all rows)
         self.rows: list[tuple[int, int]] = []
         self.blocks: list[tuple[int, int]] = []
+        # whether blocks are merged by the fused kernel (``merge.fused``: one launch per block, reading every
+        # member where it lies); set where the kernel can run here and its blocks are bitwise upstream's merge
+        self.fused = False
+        self.table: Any = None  # the members' addresses for the fused kernel, made again when one moves
+
+    def fused_possible(self) -> bool:
+        """Whether the fused kernel can merge this group here: Triton on the parameters' CUDA device, and
+        every parameter, A and B contiguous on that device with one shape and dtype each."""
+        from moe_lora_plugins.merge import fused
+
+        if not fused.available(self.params[0].device):
+            return False
+        try:
+            fused.check_members(self.params, self.lora_a, self.lora_b)
+        except fused.FusedMergeError:
+            return False
+        return True
+
+    def current_table(self, start: int = 0, stop: int | None = None) -> Any:
+        """The members' address table for the fused kernel, made again where a parameter, A or B of members
+        ``start .. stop - 1`` no longer lies where it was (``param.data`` replaced, say by an offload and reload)."""
+        from moe_lora_plugins.merge import fused
+
+        table = self.table
+        if table is None or not table.current(self.params, self.lora_a, self.lora_b, start, stop):
+            table = self.table = None  # the old one freed first
+            table = self.table = fused.AddressTable(self.params, self.lora_a, self.lora_b)
+        return table
 
     def use_rows(self, rows: list[tuple[int, int]], budget: int) -> None:
         """Compute the deltas over ``rows`` (one product per range), in balanced blocks of at most ``budget``
-        bytes of float32 deltas per range."""
+        bytes of float32 deltas per range (with the fused kernel, which has no deltas: of merged parameters)."""
         self.rows = rows
-        width = max(last - first for first, last in rows) * self.params[0].shape[1] * 4
+        param = self.params[0]
+        width = (param.numel() * param.element_size() if self.fused
+                 else max(last - first for first, last in rows) * param.shape[1] * 4)
         count = len(self.params)
         blocks = -(-count // max(1, budget // width))
         sizes = [count // blocks + (1 if i < count % blocks else 0) for i in range(blocks)]
@@ -180,9 +225,16 @@ class _Group:
         one ``bmm`` of the float32 factors and one multiply by alpha / dim (upstream's ``lora_scale * (B @ A)``,
         the product checked bitwise per shape; none where A is scaled already, see ``factors``), then one add
         rounded to the parameters' dtype. The float32 deltas go to ``scratch`` (one buffer an export reuses, in
-        stream order) or a fresh buffer."""
+        stream order) or a fresh buffer. With the fused kernel (``self.fused``) one launch does all of that from
+        where each member lies, with no stacking, factors or deltas (``factors`` unused)."""
         import torch
 
+        if self.fused:
+            from moe_lora_plugins.merge import fused
+
+            param = self.params[0]
+            return fused.merge_many(self.current_table(start, stop), start, stop, (param.shape[0], param.shape[1]),
+                                    self.lora_a[0].shape[0], param.dtype, param.device, self.scale)
         a32, b32, prescaled = factors
         with torch.no_grad():
             stacked = _stacked(self.params[start:stop])
@@ -224,7 +276,7 @@ class _Group:
     def signature(self, mapping: Any, start: int, stop: int, prescaled: bool) -> tuple[Any, ...]:
         param, a, b = self.params[0], self.lora_a[0], self.lora_b[0]
         return (param.device, param.dtype, a.dtype, b.dtype, stop - start, tuple(param.shape), tuple(a.shape),
-                tuple(b.shape), tuple(self.rows), type(mapping), self.scale, prescaled)
+                tuple(b.shape), tuple(self.rows), type(mapping), self.scale, prescaled, self.fused)
 
 
 class _Plan:
@@ -295,9 +347,10 @@ def _stacked(tensors: list[Any]) -> Any:
     return torch.cat(tensors).view(len(tensors), first.shape[0], first.shape[1])
 
 
-def _budget(device: Any) -> int:
-    """Bytes of float32 deltas one row range of one block may take: ``MOELORA_MERGE_BLOCK_MIB`` (or
-    ``BLOCK_BUDGET_BYTES``) on an accelerator, ``CPU_BLOCK_BUDGET_BYTES`` on the CPU."""
+def _budget(device: Any, fused: bool = False) -> int:
+    """Bytes of float32 deltas one row range of one block may take (``fused``: of merged parameters one block
+    may take): ``MOELORA_MERGE_BLOCK_MIB`` (or ``BLOCK_BUDGET_BYTES``, ``FUSED_BLOCK_BUDGET_BYTES``) on an
+    accelerator, ``CPU_BLOCK_BUDGET_BYTES`` on the CPU."""
     if device.type == "cpu":
         return CPU_BLOCK_BUDGET_BYTES
     import os
@@ -305,7 +358,9 @@ def _budget(device: Any) -> int:
     from moe_lora_plugins.envs import parse_merge_block_mib
 
     mib = parse_merge_block_mib(os.environ.get("MOELORA_MERGE_BLOCK_MIB"))
-    return BLOCK_BUDGET_BYTES if mib is None else mib << 20
+    if mib is not None:
+        return mib << 20
+    return FUSED_BLOCK_BUDGET_BYTES if fused else BLOCK_BUDGET_BYTES
 
 
 def _row_range(whole: Any, part: Any) -> tuple[int, int] | None:
@@ -380,6 +435,22 @@ def _verify(instance: Any, models: Any, group: _Group, tasks: list[Any], adapter
     product per range upstream splits, such as gate and up, otherwise); ``False`` where neither is."""
     budget = _budget(group.params[0].device)
     whole = [(0, group.lora_b[0].shape[0])]
+    if group.fused_possible():
+        group.fused = True
+        group.use_rows(whole, _budget(group.params[0].device, fused=True))
+        try:
+            equal = _verify_rows(instance, models, group, tasks, adapters)
+        except Exception as error:  # noqa: BLE001 - Triton could not compile or launch it here: the bmm blocks
+            log.warning("moe-lora-plugins: the fused merge kernel failed for %s on %s (%r): those are merged by bmm "
+                        "blocks; MOELORA_FUSED_MERGE=off skips it", group.key[1], group.params[0].device, error)
+            equal = False
+        else:
+            if not equal:
+                log.info("moe-lora-plugins: the fused merge kernel's blocks differ from Megatron-Bridge's merge for "
+                         "%s on %s: those are merged by bmm blocks", group.key[1], group.params[0].device)
+        if equal:
+            return True
+        group.fused, group.table = False, None
     for rows in ([whole, group.split_rows] if group.split_rows != whole else [whole]):
         group.use_rows(rows, budget)
         if _verify_rows(instance, models, group, tasks, adapters):
@@ -395,9 +466,12 @@ def _verify_rows(instance: Any, models: Any, group: _Group, tasks: list[Any], ad
     power-of-two scale up front (``_Group.factors``) too, which is dropped for the group where it differs."""
     factors: dict[bool, Any] = {}
     for start, stop in group.blocks:
-        for prescale in ((False, True) if group.prescale else (False,)):
+        for prescale in ((False, True) if group.prescale and not group.fused else (False,)):
             signature = group.signature(tasks[0].mapping, start, stop, prescale)
             equal = _verified.get(signature)
+            if equal is None and group.fused:  # the kernel reads the members where they lie: no factors
+                equal = _verified[signature] = _block_is_upstreams(
+                    instance, models, group.merged_block(start, stop, None), start, tasks, adapters)
             if equal is None:
                 if prescale not in factors:
                     factors[prescale] = group.factors(prescale)
@@ -546,9 +620,10 @@ class _Merging:
         state = live.get(group)
         if state is None:
             versions = group.versions()  # before the factors and parameters are read
-            state = live[group] = [-1, -1, (), group.factors(), versions]
+            state = live[group] = [-1, -1, (), None if group.fused else group.factors(), versions]
         if not state[0] <= member < state[1]:
             start, stop = group.block_of(member)
+            state[2] = ()  # the last block freed before the next is made (where the caller holds none of it)
             state[:3] = [start, stop, group.merged_block(start, stop, state[3], self.scratch).unbind(0)]
         if state[4][member] == (param._version, lora_a._version, lora_b._version):
             merged = state[2][member - state[0]]
@@ -572,9 +647,15 @@ class _RunWeights:
         self.run, self.merging = run, merging
 
     def items(self) -> Iterator[tuple[str, Any]]:
-        merged = self.merging.merged
+        merged, live = self.merging.merged, self.merging.live
         for task, group, member, param, lora_a, lora_b in self.run:
-            weight = merged(group, member, param, lora_a, lora_b)
+            # ``_Merging.merged`` inlined for a member of the live block, unchanged, not its group's last
+            state = live.get(group)
+            if (state is not None and state[0] <= member < state[1] and member != group.last
+                    and state[4][member] == (param._version, lora_a._version, lora_b._version)):
+                weight = state[2][member - state[0]]
+            else:
+                weight = merged(group, member, param, lora_a, lora_b)
             yield from task.mapping.megatron_to_hf(weight, task.megatron_module).items()
 
     def __getattr__(self, name: str) -> Any:
