@@ -64,7 +64,7 @@ SPECS = (
             "and a cast per tensor (1,536 tensors on the 8-layer, 64-expert anchor model): 3.95x the plain "
             "export on one H200. The per-layer merged stream (merged_stream.py) hands upstream's loop the "
             "expert and attention weights merged a block at a time (one fused Triton launch per block on a CUDA "
-            "device), each run of them as one task: 1.10x-1.17x the plain export on one H200 over two machine "
+            "device), each run of them as one task: 1.10x-1.17x the plain export on one H200 over three machine "
             "starts with the fused kernel, 1.26x-1.46x without it (4.56x with the per-expert batched merge alone)."
         ),
         upstream="Megatron-Bridge 0.6.2 peft_bridge.MegatronPeftBridge.materialize_adapter_weights and "
