@@ -39,7 +39,7 @@ def main() -> int:
     torch.manual_seed(0)
     report: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
                     "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "torch": torch.__version__,
-                    "command": " ".join(sys.argv), "bitwise": {}, "timing": {}, "sm": None}
+                    "command": " ".join(sys.argv), "bitwise": {}, "timing": {}}
     try:
         import triton
         report["triton"] = triton.__version__
@@ -101,22 +101,16 @@ def main() -> int:
             stacked.add_(scratch)
             return stacked
 
-        def fused_one():
-            fused._SUM = "fma"
-            try:
-                return fused.merge_many(table, 0, count, (rows, cols), rank, torch.bfloat16, device, 2.0)
-            finally:
-                fused._SUM = None
+        def summed_by(variant):  # "fma", "dot", or None: merge_many's own pick
+            def launch():
+                fused._SUM = variant
+                try:
+                    return fused.merge_many(table, 0, count, (rows, cols), rank, torch.bfloat16, device, 2.0)
+                finally:
+                    fused._SUM = None
+            return launch
 
-        def fused_auto():
-            return fused.merge_many(table, 0, count, (rows, cols), rank, torch.bfloat16, device, 2.0)
-
-        def fused_tl_dot():
-            fused._SUM = "dot"
-            try:
-                return fused.merge_many(table, 0, count, (rows, cols), rank, torch.bfloat16, device, 2.0)
-            finally:
-                fused._SUM = None
+        fused_one, fused_auto, fused_tl_dot = summed_by("fma"), summed_by(None), summed_by("dot")
 
         def table_check():
             return table.current(ws, a_s, b_s)

@@ -18,6 +18,15 @@ from moe_lora_plugins.testing.tiny_models import LoraSettings, ParallelLayout, t
 pytestmark = pytest.mark.megatron
 
 
+def same(a: list, b: list) -> bool:
+    """Two exports' ``[(name, tensor)]`` with the same names in the same order and bitwise equal tensors."""
+    import torch
+
+    return [n for n, _ in a] == [n for n, _ in b] and all(
+        torch.equal(x, y) for (_, x), (_, y) in zip(a, b, strict=True)
+    )
+
+
 def merged_stream_worker(hf_config: Any, lora: LoraSettings, dtype_name: str) -> dict[str, Any]:
     import logging
 
@@ -32,11 +41,6 @@ def merged_stream_worker(hf_config: Any, lora: LoraSettings, dtype_name: str) ->
     built = build_lora_model(hf_config, ParallelLayout(), lora, dtype=getattr(torch, dtype_name))
     fill_from_global_names(built)
     from megatron.bridge.models.conversion import peft_bridge
-
-    def same(a: list, b: list) -> bool:
-        return [n for n, _ in a] == [n for n, _ in b] and all(
-            torch.equal(x, y) for (_, x), (_, y) in zip(a, b, strict=True)
-        )
 
     counts = {"single": 0, "blocks": 0, "plans": 0, "tree_checks": 0}
     real = {
@@ -418,10 +422,6 @@ def fused_stream_worker(hf_config: Any, lora: LoraSettings, dtype_name: str, exa
                     param.copy_(torch.randint(-4, 5, param.shape, generator=generator) / 16)
                 elif name.endswith(".to_wrap.weight"):  # base: k / 256, |k| <= 64
                     param.copy_(torch.randint(-64, 65, param.shape, generator=generator) / 256)
-
-    def same(a: list, b: list) -> bool:
-        return [n for n, _ in a] == [n for n, _ in b] and all(
-            torch.equal(x, y) for (_, x), (_, y) in zip(a, b, strict=True))
 
     launches = {"n": 0}
     real_merge_many = fused.merge_many

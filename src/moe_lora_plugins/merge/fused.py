@@ -11,9 +11,9 @@ What it replaces, per block of experts: a ``cat`` of the parameters, a ``bmm`` i
 a multiply and an add (four launches, a float32 pass over the deltas each, and their host time), plus the
 stacking of the group's factors in float32.
 
-The product's sum over the rank runs ``k = 0 .. r - 1``, one fused multiply-add each, from zero. That is
-the order a GEMM with the whole rank in one tile sums in; whether it is the order of the BLAS the caller's
-``@`` uses is not assumed here: the caller compares the result with upstream's merge bit for bit before it
+The product is summed over the rank by ``tl.dot`` in IEEE float32 where the rank is a power of two >= 16,
+otherwise ``k = 0 .. r - 1``, one fused multiply-add each, from zero (the order a GEMM with the whole rank in
+one tile sums in). Whether either is the order of the BLAS the caller's ``@`` uses is not assumed here: the caller compares the result with upstream's merge bit for bit before it
 uses it (``patches/megatron_bridge/merged_stream.py``). Nothing else is contracted: the kernel is compiled
 with floating-point fusion off, so the scale's multiply and the add round on their own, as upstream's do.
 
